@@ -1,0 +1,121 @@
+"""Pure-PyTorch backend: the fallback that runs anywhere (CPU, CUDA, any dtype).
+
+It follows the kernel contract of ``fused_ls.backends`` in row chunks, so its workspace is a few
+chunk-sized fp32 buffers (``CHUNK_ELEMS`` elements each) however large N×C is: no dense target and
+no N×C ``log_softmax`` is ever built. Per chunk the forward makes about four passes (max, exp+sum,
+one mat-vec per smoothing row) and the backward writes the gradient in place of an fp32 chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Backend, GradTerms, RowStats, register
+
+# Elements per chunk: 2**21 fp32 values = 8 MiB of workspace per temporary. Large enough that the
+# per-chunk Python overhead is noise at C = 32k, small enough to stay well under the memory contract.
+CHUNK_ELEMS = 1 << 21
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int, c: int):
+    step = max(1, CHUNK_ELEMS // max(c, 1))
+    for s in range(0, n, step):
+        yield s, min(n, s + step)
+
+
+def _capped(x: torch.Tensor, acc: torch.dtype, softcap: float) -> torch.Tensor:
+    z = x.to(acc)  # a view when x is already in the accumulation dtype
+    if softcap > 0:
+        z = torch.tanh(z / softcap).mul_(softcap)
+    return z
+
+
+def _zero_mass_possible(R: torch.Tensor) -> bool:
+    # A zero entry of R times z = -inf would make NaN in a plain mat-vec; mask only when needed.
+    # On CPU the check is free; on CUDA we do not sync and always mask.
+    return R.device.type != "cpu" or bool((R == 0).any())
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def row_stats(self, x, R, ridx_a, ridx_b, softcap, need_pz):
+        n, c = x.shape
+        acc = _acc_dtype(x.dtype)
+        out = {k: torch.empty(n, dtype=acc, device=x.device) for k in ("m", "lse", "dot_a")}
+        out["argmax"] = torch.empty(n, dtype=torch.int64, device=x.device)
+        if ridx_b is not None:
+            out["dot_b"] = torch.empty(n, dtype=acc, device=x.device)
+        if need_pz:
+            out["pz"] = torch.empty(n, dtype=acc, device=x.device)
+        single = R.shape[0] == 1
+        mask = _zero_mass_possible(R)
+        pos = R > 0 if mask else None
+        for s, e in _chunks(n, c):
+            z = _capped(x[s:e], acc, softcap)
+            m, am = torch.max(z, dim=1)  # one pass for the max and the argmax
+            out["m"][s:e] = m
+            out["argmax"][s:e] = am
+            ex = torch.exp(z - m[:, None])
+            d = ex.sum(1)
+            out["lse"][s:e] = m + torch.log(d)
+            if need_pz:
+                # Σ p z, with p = 0 terms exactly 0 even where z = -inf
+                out["pz"][s:e] = torch.where(ex > 0, z, 0).mul_(ex).sum(1) / d
+            for key, ridx in (("dot_a", ridx_a), ("dot_b", ridx_b)):
+                if key == "dot_b" and ridx is None:
+                    continue
+                if single:
+                    zz = torch.where(pos[0], z, 0) if mask else z
+                    out[key][s:e] = zz @ R[0]
+                else:
+                    rows = R[ridx[s:e]]
+                    zz = torch.where(pos[ridx[s:e]], z, 0) if mask else z
+                    out[key][s:e] = (zz * rows).sum(1)
+        return RowStats(out["m"], out["lse"], out["argmax"], out["dot_a"], out.get("dot_b"),
+                        out.get("pz"))
+
+    def grad_rows(self, x, out, R, ridx_a, ridx_b, lse, pz, terms: GradTerms, sparse_cols,
+                  sparse_mass, softcap):
+        n, c = x.shape
+        acc = _acc_dtype(x.dtype)
+        single = R.shape[0] == 1
+        # Work directly in `out` when it already holds the accumulation dtype and nothing needs
+        # z after p has been written over it; otherwise use an fp32 chunk and round once at the end.
+        direct = out.dtype == acc and softcap <= 0 and terms.gamma is None
+        for s, e in _chunks(n, c):
+            z = _capped(x[s:e], acc, softcap)
+            g = out[s:e] if direct else torch.empty(e - s, c, dtype=acc, device=x.device)
+            torch.sub(z, lse[s:e, None], out=g)
+            g.exp_()  # p
+            if terms.gamma is not None:
+                # [coef + γ (z − pz)] p
+                g.mul_(torch.sub(z, pz[s:e, None]).mul_(terms.gamma[s:e, None])
+                       .add_(terms.coef[s:e, None]))
+            else:
+                g.mul_(terms.coef[s:e, None])
+            for u, ridx in ((terms.u_a, ridx_a), (terms.u_b, ridx_b)):
+                if u is None:
+                    continue
+                if single:
+                    g.addr_(u[s:e], R[0], alpha=-1)
+                elif ridx is not None:
+                    g.addcmul_(R[ridx[s:e]], u[s:e, None], value=-1)
+            # target-class and sparse-similarity masses, subtracted in the accumulation dtype
+            for y, t in ((terms.y_a, terms.t_a), (terms.y_b, terms.t_b)):
+                if y is not None:
+                    g.scatter_add_(1, y[s:e, None], -t[s:e, None].to(acc))
+            if sparse_cols is not None and sparse_cols.shape[1] > 0:
+                g.scatter_add_(1, sparse_cols[s:e], -sparse_mass[s:e].to(acc))
+            if softcap > 0:
+                # dz/dx = 1 − tanh²(x/cap) = 1 − (z/cap)²
+                g.mul_(torch.div(z, softcap).square_().neg_().add_(1))
+            if not direct:
+                out[s:e].copy_(g)
+
+
+register(TorchBackend())

@@ -1,0 +1,34 @@
+"""``python -m fused_ls.info``: versions, devices and which backends can run here (and why not)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import fused_ls
+
+
+def report() -> str:
+    lines = [f"fused_ls {fused_ls.__version__}",
+             f"python {platform.python_version()} ({platform.machine()})",
+             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except Exception as e:  # noqa: BLE001 - any import failure is worth reporting
+        lines.append(f"triton: not importable ({type(e).__name__}: {e})")
+    if torch.cuda.is_available():
+        lines.append(f"cuda device: {torch.cuda.get_device_name()} "
+                     f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append("cuda device: none")
+    lines.append("backends:")
+    for name, why in fused_ls.available_backends().items():
+        lines.append(f"  {name:7s} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
