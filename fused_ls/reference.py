@@ -46,13 +46,17 @@ def cross_entropy(
     adaptive: ConfidenceAdaptive | None = None, z_loss: float = 0.0,
     softcap: float | None = None, confidence_penalty: float = 0.0,
     mix_target: Tensor | None = None, mix_lambda: float | Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Dense float64 reference of ``label_smoothing_cross_entropy`` (same arguments).
+    """Dense reference of ``label_smoothing_cross_entropy`` (same arguments), in float64.
 
     Differentiable with respect to ``logits``; the adaptive ε uses detached probabilities.
+    ``compute_dtype`` runs the same dense computation in another precision: tests use it to
+    measure what plain PyTorch's own error is in bf16/fp16, and set tolerances relative to it.
     """
+    dt = compute_dtype
     C = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
-    x = logits.double()
+    x = logits.to(dt)
     x = x[None] if x.dim() == 1 else x.movedim(1, -1).reshape(-1, C)
     y = target.reshape(-1).long()
     valid = y != ignore_index
@@ -62,7 +66,7 @@ def cross_entropy(
     lse = torch.logsumexp(z, dim=1)
     p = logp.exp()
 
-    eps = (smoothing.double().reshape(-1) if isinstance(smoothing, Tensor)
+    eps = (smoothing.to(dt).reshape(-1) if isinstance(smoothing, Tensor)
            else torch.full_like(lse, float(smoothing)))
     if adaptive is not None:
         pd = p.detach()
@@ -71,12 +75,11 @@ def cross_entropy(
 
     def q_for(labels):
         return label_smoothing(labels, C, eps, similarity=similarity,
-                               similarity_mix=similarity_mix)
+                               similarity_mix=similarity_mix).to(dt)
 
-    w = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64,
-                                                              device=x.device)
+    w = weight.to(dt) if weight is not None else torch.ones(C, dtype=dt, device=x.device)
     if mix_target is not None:
-        lam = (mix_lambda.double().reshape(-1) if isinstance(mix_lambda, Tensor)
+        lam = (mix_lambda.to(dt).reshape(-1) if isinstance(mix_lambda, Tensor)
                else torch.full_like(lse, float(mix_lambda)))
         yb = torch.where(valid, mix_target.reshape(-1).long(), 0)
         q = lam[:, None] * q_for(ys) + (1 - lam[:, None]) * q_for(yb)

@@ -1,0 +1,79 @@
+"""Shared test machinery: run a backend and compare it with the dense reference.
+
+Tolerances are data (``TOL``). For bf16/fp16 the allowed error is relative to what plain PyTorch
+makes in the same precision (the dense reference computed in that dtype), as in flash-attention's
+tests: error(ours) <= 2 · error(pytorch_lowp) + atol, both measured against float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fused_ls
+from fused_ls import reference
+
+# dtype -> (rtol, atol) for fp32/fp64 direct comparison; (factor, atol) for low precision.
+TOL = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (2.0, 1e-2),
+    torch.float16: (2.0, 2e-3),
+}
+LOW = (torch.bfloat16, torch.float16)
+
+
+def available_cpu_backends() -> list[str]:
+    """Backends that can run on CPU tensors in this process (triton only via the interpreter)."""
+    return [b for b, why in fused_ls.available_backends().items()
+            if not why and fused_ls.backends.reasons_for(b, _cpu_req()) == []]
+
+
+def _cpu_req():
+    return fused_ls.backends.Request("cpu", torch.float32, 8, False, False)
+
+
+def loss_and_grad(fn, logits, target, **kw):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, target, **kw)
+    if isinstance(loss, tuple):
+        loss = loss[0]
+    (g,) = torch.autograd.grad(loss.sum(), x) if loss.numel() else (torch.zeros_like(x),)
+    return loss.detach(), g
+
+
+def check_backend(backend: str, logits: torch.Tensor, target: torch.Tensor, *,
+                  grad: bool = True, **kw) -> None:
+    """Loss and gradient of `backend` on `logits` (any dtype) against the float64 reference."""
+    dtype = logits.dtype
+    ours_l, ours_g = loss_and_grad(fused_ls.label_smoothing_cross_entropy, logits, target,
+                                   backend=backend, **kw)
+    ref_l, ref_g = loss_and_grad(reference.cross_entropy, logits, target, **kw)
+    assert ours_l.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert ours_g.dtype == dtype and ours_g.shape == logits.shape
+    if dtype in LOW:
+        factor, atol = TOL[dtype]
+        pt_l, pt_g = loss_and_grad(reference.cross_entropy, logits, target,
+                                   compute_dtype=dtype, **kw)
+        _within(ours_l, ref_l, factor * _err(pt_l, ref_l) + atol, "loss")
+        if grad:
+            _within(ours_g, ref_g, factor * _err(pt_g, ref_g) + atol * 0.1, "grad")
+    else:
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(ours_l, ref_l.to(ours_l.dtype), rtol=rtol, atol=atol,
+                                   equal_nan=True)
+        if grad:
+            torch.testing.assert_close(ours_g, ref_g.to(dtype), rtol=rtol, atol=atol,
+                                       equal_nan=True)
+
+
+def _err(a, b) -> float:
+    d = (a.double() - b.double()).abs()
+    d = d[torch.isfinite(d)]
+    return float(d.max()) if d.numel() else 0.0
+
+
+def _within(ours, ref, tol, what):
+    err = _err(ours, ref)
+    same_nan = torch.equal(torch.isnan(ours.double()), torch.isnan(ref.double()))
+    assert same_nan, f"{what}: NaN pattern differs from the reference"
+    assert err <= tol, f"{what}: max error {err:.3g} > allowed {tol:.3g}"
