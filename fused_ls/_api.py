@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -30,7 +29,7 @@ class ConfidenceAdaptive:
     def __init__(self, threshold: float = 0.8, factor: float = 2.0, confidence: str = "max"):
         if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"ConfidenceAdaptive: threshold must be in [0, 1], got {threshold!r}")
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 0):
+        if not (isinstance(factor, (int, float)) and _finite(factor) and factor >= 0):
             raise ValueError(f"ConfidenceAdaptive: factor must be finite and >= 0, got {factor!r}")
         if confidence not in ("max", "target"):
             raise ValueError(
@@ -69,7 +68,8 @@ class SparseSimilarity:
         idx = indices.long()
         if bool(((idx < -1) | (idx >= C)).any()):
             raise ValueError(f"SparseSimilarity: indices must lie in [-1, {C}) (-1 = padding)")
-        vals = torch.where(idx >= 0, values, 0)
+        # normalised in float64 once; the op rounds to its accumulation dtype
+        vals = torch.where(idx >= 0, values.double(), 0)
         if not bool(torch.isfinite(vals).all()) or bool((vals < 0).any()):
             raise ValueError("SparseSimilarity: values must be finite and non-negative")
         sums = vals.sum(1, keepdim=True)
@@ -100,6 +100,11 @@ class SparseSimilarity:
 
 def _is_real_scalar(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    # written without math.isfinite so that torch.compile(dynamic=True) can trace symbolic floats
+    return v - v == 0
 
 
 def _unit_interval(name: str, v) -> float:
@@ -254,11 +259,12 @@ def label_smoothing_cross_entropy(
                         f"{type(similarity).__name__}")
     beta = _unit_interval("similarity_mix", similarity_mix)
     if adaptive is not None and not isinstance(adaptive, ConfidenceAdaptive):
-        raise TypeError(f"adaptive must be None or ConfidenceAdaptive, got {type(adaptive).__name__}")
+        raise TypeError("adaptive must be None or ConfidenceAdaptive, got "
+                        f"{type(adaptive).__name__}")
     for name, v in (("z_loss", z_loss), ("confidence_penalty", confidence_penalty)):
-        if not _is_real_scalar(v) or not math.isfinite(v):
+        if not _is_real_scalar(v) or not _finite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
-    if softcap is not None and not (_is_real_scalar(softcap) and 0 < softcap < math.inf):
+    if softcap is not None and not (_is_real_scalar(softcap) and _finite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
 
     mix_y = mix_rows = None

@@ -90,7 +90,8 @@ def _validate_rows(x, target, eps_rows, mix_target, mix_rows, similarity, ignore
     if mix_target is not None:
         bad = valid & ((mix_target < 0) | (mix_target >= C))
         _check(bad, IndexError, lambda: (
-            f"mix_target contains {int(mix_target[bad][0])} on a non-ignored row, outside [0, {C})"))
+            f"mix_target contains {int(mix_target[bad][0])} on a non-ignored row, "
+            f"outside [0, {C})"))
     for name, t in (("smoothing", eps_rows), ("mix_lambda", mix_rows)):
         if t is not None:
             bad = ~((t >= 0) & (t <= 1))  # NaN is bad too
@@ -276,7 +277,10 @@ def ls_backward(
     has_sparse = sparse_cols.shape[1] > 0
     R, _ = smoothing_matrix(C, weight, similarity, similarity_mix, has_sparse, acc, x.device)
     single = R.shape[0] == 1
-    k = coefs * grad_loss.to(acc)[:, None]
+    go = grad_loss.to(acc)[:, None]
+    # Zero coefficients (ignored rows) stay zero even when the upstream grad is inf/NaN, as for a
+    # "mean" over no counted rows (0/0): PyTorch gives those rows a zero gradient too.
+    k = torch.where(coefs == 0, 0, coefs * go)
     # The coefficients of ignored rows are 0, so any in-range index serves for them.
     ya = target.clamp(0, C - 1)
     yb = mix_target.clamp(0, C - 1) if mix_target is not None else None
@@ -292,7 +296,7 @@ def ls_backward(
         x, out, R, None if single else ya, None if (single or yb is None) else yb, lse,
         pz if pz.numel() else None, terms,
         sparse_cols if has_sparse else None,
-        sparse_mass * grad_loss.to(acc)[:, None] if has_sparse else None, softcap)
+        torch.where(sparse_mass == 0, 0, sparse_mass * go) if has_sparse else None, softcap)
 
 
 @ls_backward.register_fake
@@ -308,7 +312,7 @@ _FWD_ARGS = ("x", "target", "weight", "eps_rows", "similarity", "sparse_idx", "s
 
 
 def _setup_context(ctx, inputs, output):
-    a = dict(zip(_FWD_ARGS, inputs))
+    a = dict(zip(_FWD_ARGS, inputs, strict=True))
     _, _, lse, _, _, _, pz, coefs, cols, mass = output
     ctx.save_for_backward(a["x"], a["target"], a["mix_target"], a["weight"], a["similarity"],
                           lse, pz, coefs, cols, mass)

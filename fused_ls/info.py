@@ -26,7 +26,8 @@ def report() -> str:
         lines.append("cuda device: none")
     lines.append("backends:")
     for name, why in fused_ls.available_backends().items():
-        lines.append(f"  {name:7s} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+        status = "available" if not why else "unavailable: " + "; ".join(why)
+        lines.append(f"  {name:7s} {status}")
     return "\n".join(lines)
 
 

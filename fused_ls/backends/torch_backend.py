@@ -12,8 +12,9 @@ import torch
 
 from . import Backend, GradTerms, RowStats, register
 
-# Elements per chunk: 2**21 fp32 values = 8 MiB of workspace per temporary. Large enough that the
-# per-chunk Python overhead is noise at C = 32k, small enough to stay well under the memory contract.
+# Elements per chunk: 2**21 fp32 values = 8 MiB of workspace per temporary. Large enough that
+# the per-chunk Python overhead is noise at C = 32k, small enough to stay well under the memory
+# contract.
 CHUNK_ELEMS = 1 << 21
 
 
