@@ -18,8 +18,9 @@ def _run(*args):
 def test_info_lists_every_backend_with_a_status():
     out = _run("-m", "fused_ls.info")
     assert "torch " in out and "cuda device:" in out
+    backend_lines = out.split("backends:\n", 1)[1].splitlines()
     for name in fused_ls.BACKEND_NAMES:
-        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + " "))
+        line = next(ln for ln in backend_lines if ln.strip().startswith(name + " "))
         status = line.split(None, 1)[1]
         assert status == "available" or (status.startswith("unavailable: ") and len(status) > 20)
     assert "torch   available" in out  # the pure-torch fallback always works
