@@ -1,0 +1,284 @@
+"""Everything a GPU lease is for, in one call: device, tests on CUDA tensors, benchmark table.
+
+    python benchmarks/gpu_check.py [--skip-tests] [--skip-bench] [--reps 10] [--out bench_out]
+
+1. Prints the device (name, capability, memory) and the versions.
+2. Runs pytest on CUDA tensors: tests/test_triton.py (the Triton backend with the interpreter off),
+   tests/test_cuda.py when present (the compiled CUDA backend), and tests/test_contract.py with
+   FUSED_LS_TEST_DEVICE=cuda (the op contract on every backend that serves CUDA tensors).
+3. Benchmarks forward + backward at N = 16384, V ∈ {32000, 128256}, bf16 and fp32, of eager
+   ``F.cross_entropy(label_smoothing=0.1)``, ``torch.compile`` of it, and every fused_ls backend
+   that serves CUDA tensors (with and without ``inplace_backward``):
+   - median time over ``--reps`` runs (CUDA events; inputs reset outside the timed region),
+   - GB/s under the byte model "one read of the logits + one write of the gradient"
+     (2·N·V·bytes per element), and that as a fraction of a measured device-to-device copy
+     (which also moves 2·N·V·bytes: one read, one write),
+   - extra peak memory over the logits (and target) already allocated, in MiB and in units of
+     the logits' size,
+   - the loss's relative difference from eager (a sanity check, not the test).
+   Prints a markdown table and writes ``<out>/gpu_check.csv``.
+
+Budget: well under 8 minutes on an H100 (tests ≈ 1–3 min, torch.compile ≈ 4 compiles, the
+rest a few seconds per row). Exits non-zero when there is no GPU, or when a test suite failed.
+Without a GPU it stops at once with a message saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# The Triton interpreter must be off: the point is to run the compiled kernels.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+N_ROWS = 16384
+VOCABS = (32000, 128256)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SMOOTHING = 0.1
+
+
+def device_report() -> str:
+    p = torch.cuda.get_device_properties(0)
+    lines = [f"device: {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+             f"{p.total_memory / 2**30:.1f} GiB)",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
+             f"python {platform.python_version()}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError as e:
+        lines.append(f"triton: not importable ({e})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+def run_tests(timeout: int) -> bool:
+    env = dict(os.environ, FUSED_LS_TEST_DEVICE="cuda")
+    env.pop("TRITON_INTERPRET", None)
+    files = [f for f in ("tests/test_triton.py", "tests/test_cuda.py", "tests/test_contract.py")
+             if os.path.exists(os.path.join(ROOT, f))]
+    ok = True
+    for f in files:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f]
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=timeout)
+            out, rc = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            out, rc = out + f"\nTIMEOUT after {timeout} s", -1
+        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+        verdict = "PASS" if rc == 0 else f"FAIL (rc={rc})"
+        print(f"\n## pytest {f} (FUSED_LS_TEST_DEVICE=cuda): {verdict} in "
+              f"{time.perf_counter() - t0:.0f} s")
+        shown = lines if rc != 0 else lines[-3:]
+        print("\n".join(shown[-60:]))
+        ok &= rc == 0
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark
+# ---------------------------------------------------------------------------------------------
+def time_cuda(fn, reps: int, setup=None, warmup: int = 2) -> float:
+    """Median milliseconds of fn() over reps runs; setup() runs before each, outside the timing."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    times = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, reps: int) -> float:
+    """GB/s of a device-to-device copy of nbytes (read nbytes + write nbytes)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def eager_ce(x, y):
+    return F.cross_entropy(x, y, label_smoothing=SMOOTHING)
+
+
+def fused(backend, inplace):
+    import fused_ls
+
+    def f(x, y):
+        return fused_ls.label_smoothing_cross_entropy(
+            x, y, SMOOTHING, backend=backend, inplace_backward=inplace)
+    return f
+
+
+def measure(name, fn, base, y, reps, inplace, ref_loss):
+    """One row: fwd+bwd time, extra peak memory, loss difference from eager."""
+    x = base.clone().requires_grad_(True)
+
+    def reset():
+        if inplace:  # the previous backward wrote the gradient over x: restore the logits
+            with torch.no_grad():
+                x.copy_(base)
+
+    def step():
+        loss = fn(x, y)
+        (g,) = torch.autograd.grad(loss, x)
+        return loss, g
+
+    reset()
+    loss, g = step()
+    rel = abs(float(loss.detach()) - ref_loss) / max(abs(ref_loss), 1e-30)
+    del g
+    ms = time_cuda(lambda: step(), reps, setup=reset)
+    reset()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss, g = step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    return ms, extra, rel
+
+
+def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]:
+    import fused_ls
+    from fused_ls.backends import Request, reasons_for
+
+    rows = []
+    for vocab in VOCABS:
+        for dname, dtype in DTYPES.items():
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            base = torch.randn(N_ROWS, vocab, device="cuda", dtype=dtype, generator=gen)
+            y = torch.randint(0, vocab, (N_ROWS,), device="cuda", generator=gen)
+            logit_bytes = base.numel() * base.element_size()
+            model_bytes = 2 * logit_bytes  # one read of the logits + one write of the gradient
+            copy_gbs = copy_bandwidth(logit_bytes, reps)
+            with torch.no_grad():
+                ref_loss = float(eager_ce(base.float(), y))
+            methods = [("eager F.cross_entropy", eager_ce, False)]
+            compiled = torch.compile(eager_ce, dynamic=False)
+            methods.append(("torch.compile(F.cross_entropy)", compiled, False))
+            req = Request("cuda", dtype, vocab, False, False)
+            names = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
+            for b in names:
+                methods.append((f"fused_ls[{b}]", fused(b, False), False))
+                methods.append((f"fused_ls[{b}] inplace", fused(b, True), True))
+            for name, fn, inplace in methods:
+                t0 = time.perf_counter()
+                try:
+                    ms, extra, rel = measure(name, fn, base, y, reps, inplace, ref_loss)
+                    err = ""
+                except torch.cuda.OutOfMemoryError:
+                    ms = extra = rel = float("nan")
+                    err = "OOM"
+                except Exception as e:  # noqa: BLE001 - report and go on with the next method
+                    ms = extra = rel = float("nan")
+                    err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                torch.cuda.empty_cache()
+                gbs = model_bytes / (ms * 1e-3) / 1e9
+                row = dict(N=N_ROWS, V=vocab, dtype=dname, method=name, ms=ms,
+                           model_GBps=gbs, copy_GBps=copy_gbs, frac_of_copy=gbs / copy_gbs,
+                           extra_MiB=extra / 2**20, extra_x_logits=extra / logit_bytes,
+                           loss_rel_diff=rel, error=err,
+                           device=torch.cuda.get_device_name(),
+                           date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                rows.append(row)
+                print(f"  V={vocab} {dname} {name}: {ms:.3f} ms {err} "
+                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            del base, y
+            torch.cuda.empty_cache()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "gpu_check.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nwrote {path}")
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| V | dtype | method | fwd+bwd ms | GB/s (2·N·V·b) | % of copy | extra peak MiB "
+            "| × logits | loss rel. diff |")
+    lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['V']} | {r['dtype']} | {r['method']} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['V']} | {r['dtype']} | {r['method']} | {r['ms']:.2f} | {r['model_GBps']:.0f} "
+            f"| {100 * r['frac_of_copy']:.0f}% | {r['extra_MiB']:.0f} | "
+            f"{r['extra_x_logits']:.2f} | {r['loss_rel_diff']:.1e} |")
+    copies = sorted({(r["V"], r["dtype"], r["copy_GBps"]) for r in rows})
+    lines.append("")
+    lines.append("device-to-device copy: " + ", ".join(
+        f"V={v} {d}: {c:.0f} GB/s" for v, d, c in copies))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--test-timeout", type=int, default=240, help="seconds per pytest file")
+    ap.add_argument("--backends", default="", help="comma list (default: all that serve CUDA)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench_out"))
+    args = ap.parse_args()
+
+    if not torch.cuda.is_available():
+        build = torch.version.cuda or "none: this torch is a CPU build"
+        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA {build}). "
+              "Run it on a GPU machine with a CUDA build of torch, e.g. "
+              "`make gpu-check GPU_PY=path/to/cuda/venv/bin/python`.", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    print(device_report())
+    import fused_ls.info
+
+    print(fused_ls.info.report())
+    tests_ok = True
+    if not args.skip_tests:
+        tests_ok = run_tests(args.test_timeout)
+        print(f"\ntests: {'all passed' if tests_ok else 'FAILURES (see above)'} "
+              f"({time.perf_counter() - t0:.0f} s so far)")
+    if not args.skip_bench:
+        print(f"\n## benchmark: N={N_ROWS}, fwd+bwd, label_smoothing={SMOOTHING}, "
+              f"median of {args.reps}")
+        backends = [b for b in args.backends.split(",") if b] or None
+        rows = run_bench(args.reps, args.out, backends)
+        print()
+        print(f"{torch.cuda.get_device_name()}, "
+              f"{time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__}")
+        print()
+        print(markdown(rows))
+    print(f"\ngpu_check finished in {time.perf_counter() - t0:.0f} s")
+    return 0 if tests_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
