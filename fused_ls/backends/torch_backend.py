@@ -121,15 +121,17 @@ class TorchBackend(Backend):
         # z after p has been written over it; otherwise use an fp32 chunk and round once at the end.
         direct = out.dtype == acc and softcap <= 0 and terms.gamma is None
         ws = _Workspace(next(_chunks(n, c), (0, 0))[1], c, acc, x.device)
+        zero = torch.zeros((), dtype=acc, device=x.device)
         for s, e in _chunks(n, c):
             z = _capped(x[s:e], acc, softcap, ws)
             g = out[s:e] if direct else ws("g", e - s)
             torch.sub(z, lse[s:e, None], out=g)
             g.exp_()  # p
             if terms.gamma is not None:
-                # [coef + γ (z − pz)] p
+                # [coef + γ (z − pz)] p, with p = 0 terms exactly 0 even where z = −inf
                 t = torch.sub(z, pz[s:e, None], out=ws("t", e - s))
-                g.mul_(t.mul_(terms.gamma[s:e, None]).add_(terms.coef[s:e, None]))
+                t.mul_(terms.gamma[s:e, None]).add_(terms.coef[s:e, None])
+                g.mul_(torch.where(g > 0, t, zero, out=t))
             else:
                 g.mul_(terms.coef[s:e, None])
             for u, ridx in ((terms.u_a, ridx_a), (terms.u_b, ridx_b)):
