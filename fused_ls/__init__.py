@@ -15,6 +15,19 @@ from ._api import (
     label_smoothing_cross_entropy,
 )
 from .backends import BACKEND_NAMES, reasons_for
+from .calibration import (
+    expected_calibration_error,
+    maximum_calibration_error,
+    reliability_diagram,
+)
+from .distillation import distillation_loss
+from .schedules import (
+    SmoothingScheduler,
+    cosine_decay_smoothing,
+    linear_decay_smoothing,
+    off_switch_smoothing,
+    warmup_smoothing,
+)
 
 __version__ = "0.1.0"
 
@@ -28,7 +41,19 @@ __all__ = [
     "ConfidenceAdaptive",
     "FusedLabelSmoothingCE",
     "SparseSimilarity",
+    "SmoothingScheduler",
     "Stats",
     "available_backends",
+    "calibration",
+    "cosine_decay_smoothing",
+    "distillation",
+    "distillation_loss",
+    "expected_calibration_error",
     "label_smoothing_cross_entropy",
+    "linear_decay_smoothing",
+    "maximum_calibration_error",
+    "off_switch_smoothing",
+    "reliability_diagram",
+    "schedules",
+    "warmup_smoothing",
 ]
