@@ -36,3 +36,38 @@ info: venv
 
 clean:
 	rm -rf build *.egg-info fused_ls/*.so bench_out
+
+# Compile-check the CUDA kernels (csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
+# on a machine with nvcc and no GPU (DESIGN.md §6). Fails on any compile error; nothing runs.
+CUDA_VENV  := .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+CUDA_ARCHS ?= 8.0;9.0
+
+.PHONY: cuda-check
+$(CUDA_VENV)/.installed:
+	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy setuptools wheel
+	touch $@
+
+cuda-check: $(CUDA_VENV)/.installed
+	@command -v nvcc >/dev/null || { echo "cuda-check: nvcc not found on PATH"; exit 1; }
+	here=$$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#[$$] _HERE_=//p'); \
+	CUDA_HOME=$${CUDA_HOME:-$$(dirname "$$here")} TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+	FUSED_LS_STRICT_BUILD=1 MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py build_ext --force \
+	    --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
+	$(CUDA_VENV)/bin/python -c "import glob, torch; \
+	torch.ops.load_library(glob.glob('build/cuda-check/lib/fused_ls/_C*.so')[0]); \
+	ok = torch._C._dispatch_has_kernel_for_dispatch_key('fused_ls::ext_grad_rows', 'CUDA'); \
+	assert ok, 'CUDA kernels not registered'; print('cuda-check: CUDA kernels compiled and registered')"
+
+# Triton kernels: compile every specialisation ahead of time for sm_90 and sm_80 (no GPU needed).
+.PHONY: triton-check gpu-check
+triton-check: venv
+	$(VPY) scripts/triton_check.py
+
+# On a GPU machine: device name, the test suites on CUDA tensors, and the benchmark table + CSV.
+# GPU_PY: a python with a CUDA build of torch (the default .venv holds the CPU build).
+GPU_PY ?= $(VPY)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
