@@ -12,18 +12,22 @@ import torch
 
 from . import Backend, GradTerms, RowStats, register
 
-# Elements per chunk: 2**21 fp32 values = 8 MiB of workspace per temporary. Large enough that
-# the per-chunk Python overhead is noise at C = 32k, small enough to stay well under the memory
-# contract.
-CHUNK_ELEMS = 1 << 21
+# Elements per chunk: 2**19 fp32 values = 2 MiB per workspace buffer, so that the several
+# passes over a chunk mostly hit the cache. Measured on the 2-core CPU at N=4096, C=32000 fp32
+# (forward+backward): 2**15 → 876 ms (per-chunk overhead), 2**17 → 457, 2**19 → 355, 2**21 → 375.
+# On a GPU, caches matter less than launch count: chunks are CUDA_CHUNK_FACTOR times larger
+# (64 MiB of fp32 per buffer), still a small fraction of the N×C logits this path is meant for.
+CHUNK_ELEMS = 1 << 19
+CUDA_CHUNK_FACTOR = 32
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(n: int, c: int):
-    step = max(1, CHUNK_ELEMS // max(c, 1))
+def _chunks(n: int, c: int, device: torch.device):
+    elems = CHUNK_ELEMS * (CUDA_CHUNK_FACTOR if device.type == "cuda" else 1)
+    step = max(1, elems // max(c, 1))
     for s in range(0, n, step):
         yield s, min(n, s + step)
 
@@ -83,9 +87,9 @@ class TorchBackend(Backend):
         const = _constant_row(R)
         mask = const is None and _zero_mass_possible(R)
         pos = R > 0 if mask else None
-        ws = _Workspace(next(_chunks(n, c), (0, 0))[1], c, acc, x.device)
+        ws = _Workspace(next(_chunks(n, c, x.device), (0, 0))[1], c, acc, x.device)
         zero = torch.zeros((), dtype=acc, device=x.device)
-        for s, e in _chunks(n, c):
+        for s, e in _chunks(n, c, x.device):
             z = _capped(x[s:e], acc, softcap, ws)
             m, am = out["m"][s:e], out["argmax"][s:e]
             torch.max(z, dim=1, out=(m, am))  # one pass for the max and the argmax
@@ -120,9 +124,9 @@ class TorchBackend(Backend):
         # Work directly in `out` when it already holds the accumulation dtype and nothing needs
         # z after p has been written over it; otherwise use an fp32 chunk and round once at the end.
         direct = out.dtype == acc and softcap <= 0 and terms.gamma is None
-        ws = _Workspace(next(_chunks(n, c), (0, 0))[1], c, acc, x.device)
+        ws = _Workspace(next(_chunks(n, c, x.device), (0, 0))[1], c, acc, x.device)
         zero = torch.zeros((), dtype=acc, device=x.device)
-        for s, e in _chunks(n, c):
+        for s, e in _chunks(n, c, x.device):
             z = _capped(x[s:e], acc, softcap, ws)
             g = out[s:e] if direct else ws("g", e - s)
             torch.sub(z, lse[s:e, None], out=g)
