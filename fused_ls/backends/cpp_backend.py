@@ -140,21 +140,25 @@ def ext_grad_rows(
     )
 
 
-class CppBackend(Backend):
-    name = "cpp"
+class ExtensionBackend(Backend):
+    """A backend served by the compiled extension's ops on one device type (cpp: CPU, cuda:
+    CUDA); the ops dispatch on the tensors' device."""
+
+    device_type = "?"
+    other = "?"  # the sibling backend for the other device type, named in the reason
 
     def unavailable_reason(self) -> str | None:
         return load_extension()
 
     def unsupported_reasons(self, req: Request) -> list[str]:
         why = []
-        if req.device_type != "cpu":
+        if req.device_type != self.device_type:
             why.append(
-                f"cpp serves CPU tensors only (got {req.device_type}; the CUDA kernels are "
-                "backend='cuda')"
+                f"{self.name} serves {self.device_type.upper()} tensors only (got "
+                f"{req.device_type}; backend='{self.other}' serves the other device)"
             )
         if req.dtype not in _FLOATS:
-            why.append(f"cpp supports fp32/fp64/bf16/fp16 logits, got {req.dtype}")
+            why.append(f"{self.name} supports fp32/fp64/bf16/fp16 logits, got {req.dtype}")
         return why
 
     def row_stats(self, x, R, ridx_a, ridx_b, softcap, need_pz):
@@ -164,6 +168,12 @@ class CppBackend(Backend):
         self, x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap
     ):
         ext_grad_rows(x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap)
+
+
+class CppBackend(ExtensionBackend):
+    name = "cpp"
+    device_type = "cpu"
+    other = "cuda"
 
 
 register(CppBackend())

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Backend, Request, register
-from .cpp_backend import ext_grad_rows, ext_row_stats, load_extension
-
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+from . import register
+from .cpp_backend import ExtensionBackend, load_extension
 
 
 def has_cuda_kernels() -> bool:
@@ -23,8 +21,10 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ls::ext_row_stats", "CUDA")
 
 
-class CudaBackend(Backend):
+class CudaBackend(ExtensionBackend):
     name = "cuda"
+    device_type = "cuda"
+    other = "cpp"
 
     def unavailable_reason(self) -> str | None:
         why = load_extension()
@@ -38,25 +38,6 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return "no CUDA device is available"
         return None
-
-    def unsupported_reasons(self, req: Request) -> list[str]:
-        why = []
-        if req.device_type != "cuda":
-            why.append(
-                f"cuda serves CUDA tensors only (got {req.device_type}; the CPU kernel is "
-                "backend='cpp')"
-            )
-        if req.dtype not in _FLOATS:
-            why.append(f"cuda supports fp32/fp64/bf16/fp16 logits, got {req.dtype}")
-        return why
-
-    def row_stats(self, x, R, ridx_a, ridx_b, softcap, need_pz):
-        return ext_row_stats(x, R, ridx_a, ridx_b, softcap, need_pz)
-
-    def grad_rows(
-        self, x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap
-    ):
-        ext_grad_rows(x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap)
 
 
 register(CudaBackend())
