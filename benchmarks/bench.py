@@ -107,8 +107,9 @@ def methods(device: torch.device, dtype: torch.dtype, V: int, with_compile: bool
             continue
 
         def fused(x, y, b=b, inplace=False):
-            return fused_ls.label_smoothing_cross_entropy(x, y, EPS, backend=b,
-                                                          inplace_backward=inplace)
+            return fused_ls.label_smoothing_cross_entropy(
+                x, y, EPS, backend=b, inplace_backward=inplace
+            )
 
         out.append((f"fused_ls:{b}", fused, False))
         out.append((f"fused_ls:{b} inplace", lambda x, y, f=fused: f(x, y, inplace=True), True))
@@ -141,11 +142,22 @@ def run_config(N, V, dtype, device, reps, with_compile, progress):
     copy_t = timed(lambda: dst.copy_(logits), device, reps)
     dst = None
     clone_t = timed(lambda: logits.clone(), device, reps)
-    for name, t, mem in (("copy into existing buffer", copy_t, 0.0),
-                         ("clone of logits", clone_t, 1.0)):
-        rows.append(dict(method=name, time_ms=t * 1e3, x_copy=t / copy_t,
-                         gbps=2 * nbytes / t / 1e9, pct_copy=100 * copy_t / t, mem_x=mem,
-                         loss_err=0.0, grad_err=0.0))
+    for name, t, mem in (
+        ("copy into existing buffer", copy_t, 0.0),
+        ("clone of logits", clone_t, 1.0),
+    ):
+        rows.append(
+            dict(
+                method=name,
+                time_ms=t * 1e3,
+                x_copy=t / copy_t,
+                gbps=2 * nbytes / t / 1e9,
+                pct_copy=100 * copy_t / t,
+                mem_x=mem,
+                loss_err=0.0,
+                grad_err=0.0,
+            )
+        )
 
     for name, fn, inplace in methods(device, dtype, V, with_compile):
         progress(name)
@@ -170,9 +182,18 @@ def run_config(N, V, dtype, device, reps, with_compile, progress):
         mem = peak_extra_bytes(step, device)
         loss_err = (state["loss"].double() - ref_loss).abs().item()
         grad_err = (state["grad"].double() - ref_grad.double()).abs().max().item()
-        rows.append(dict(method=name, time_ms=t * 1e3, x_copy=t / copy_t,
-                         gbps=2 * nbytes / t / 1e9, pct_copy=100 * copy_t / t,
-                         mem_x=mem / nbytes, loss_err=loss_err, grad_err=grad_err))
+        rows.append(
+            dict(
+                method=name,
+                time_ms=t * 1e3,
+                x_copy=t / copy_t,
+                gbps=2 * nbytes / t / 1e9,
+                pct_copy=100 * copy_t / t,
+                mem_x=mem / nbytes,
+                loss_err=loss_err,
+                grad_err=grad_err,
+            )
+        )
         state.clear()
         buf = None
         gc.collect()
@@ -248,29 +269,50 @@ def main(argv=None):
 
         def progress(what, ci=ci, cfg=cfg):
             el = time.perf_counter() - t_start
-            print(f"  [{ci + 1}/{len(configs)} {cfg} | {el:5.0f}s] {what} ...", file=sys.stderr,
-                  flush=True)
+            print(
+                f"  [{ci + 1}/{len(configs)} {cfg} | {el:5.0f}s] {what} ...",
+                file=sys.stderr,
+                flush=True,
+            )
 
         rows, nbytes = run_config(N, V, dtype, device, reps, not args.no_compile, progress)
         print(f"\n### N={N}, V={V}, {dt} (logits: {nbytes / 2**20:.0f} MiB)\n")
         gb = device.type == "cuda"
-        head = ("| method | time (ms) | vs eager | × copy | "
-                + ("GB/s | % of copy | " if gb else "")
-                + "extra peak mem (× logits) | loss err | grad err |")
+        head = (
+            "| method | time (ms) | vs eager | × copy | "
+            + ("GB/s | % of copy | " if gb else "")
+            + "extra peak mem (× logits) | loss err | grad err |"
+        )
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for r in rows:
-            r.update(config=f"{N}x{V}:{dt}", device=dev_name, torch=torch.__version__,
-                     timestamp=stamp)
-            print(f"| {r['method']} | {r['time_ms']:.1f} | {r['speedup_vs_eager']:.2f}× | "
-                  f"{r['x_copy']:.2f} | "
-                  + (f"{r['gbps']:.0f} | {r['pct_copy']:.0f}% | " if gb else "")
-                  + f"{r['mem_x']:.2f} | {r['loss_err']:.1e} | {r['grad_err']:.1e} |")
+            r.update(
+                config=f"{N}x{V}:{dt}", device=dev_name, torch=torch.__version__, timestamp=stamp
+            )
+            print(
+                f"| {r['method']} | {r['time_ms']:.1f} | {r['speedup_vs_eager']:.2f}× | "
+                f"{r['x_copy']:.2f} | "
+                + (f"{r['gbps']:.0f} | {r['pct_copy']:.0f}% | " if gb else "")
+                + f"{r['mem_x']:.2f} | {r['loss_err']:.1e} | {r['grad_err']:.1e} |"
+            )
         all_rows.extend(rows)
     csv_path = os.path.join(args.out, "bench.csv")
     new = not os.path.exists(csv_path)
-    fields = ["timestamp", "device", "torch", "config", "method", "time_ms", "speedup_vs_eager",
-              "x_copy", "gbps", "pct_copy", "mem_x", "loss_err", "grad_err"]
+    fields = [
+        "timestamp",
+        "device",
+        "torch",
+        "config",
+        "method",
+        "time_ms",
+        "speedup_vs_eager",
+        "x_copy",
+        "gbps",
+        "pct_copy",
+        "mem_x",
+        "loss_err",
+        "grad_err",
+    ]
     with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

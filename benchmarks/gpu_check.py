@@ -50,10 +50,12 @@ SMOOTHING = 0.1
 
 def device_report() -> str:
     p = torch.cuda.get_device_properties(0)
-    lines = [f"device: {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-             f"{p.total_memory / 2**30:.1f} GiB)",
-             f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
-             f"python {platform.python_version()}"]
+    lines = [
+        f"device: {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+        f"{p.total_memory / 2**30:.1f} GiB)",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"python {platform.python_version()}",
+    ]
     try:
         import triton
 
@@ -69,23 +71,29 @@ def device_report() -> str:
 def run_tests(timeout: int) -> bool:
     env = dict(os.environ, FUSED_LS_TEST_DEVICE="cuda")
     env.pop("TRITON_INTERPRET", None)
-    files = [f for f in ("tests/test_triton.py", "tests/test_cuda.py", "tests/test_contract.py")
-             if os.path.exists(os.path.join(ROOT, f))]
+    files = [
+        f
+        for f in ("tests/test_triton.py", "tests/test_cuda.py", "tests/test_contract.py")
+        if os.path.exists(os.path.join(ROOT, f))
+    ]
     ok = True
     for f in files:
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f]
         try:
-            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                               timeout=timeout)
+            r = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            )
             out, rc = r.stdout + r.stderr, r.returncode
         except subprocess.TimeoutExpired as e:
             out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             out, rc = out + f"\nTIMEOUT after {timeout} s", -1
         lines = [ln for ln in out.strip().splitlines() if ln.strip()]
         verdict = "PASS" if rc == 0 else f"FAIL (rc={rc})"
-        print(f"\n## pytest {f} (FUSED_LS_TEST_DEVICE=cuda): {verdict} in "
-              f"{time.perf_counter() - t0:.0f} s")
+        print(
+            f"\n## pytest {f} (FUSED_LS_TEST_DEVICE=cuda): {verdict} in "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
         shown = lines if rc != 0 else lines[-3:]
         print("\n".join(shown[-60:]))
         ok &= rc == 0
@@ -131,7 +139,9 @@ def fused(backend, inplace):
 
     def f(x, y):
         return fused_ls.label_smoothing_cross_entropy(
-            x, y, SMOOTHING, backend=backend, inplace_backward=inplace)
+            x, y, SMOOTHING, backend=backend, inplace_backward=inplace
+        )
+
     return f
 
 
@@ -200,15 +210,28 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
                     err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 torch.cuda.empty_cache()
                 gbs = model_bytes / (ms * 1e-3) / 1e9
-                row = dict(N=N_ROWS, V=vocab, dtype=dname, method=name, ms=ms,
-                           model_GBps=gbs, copy_GBps=copy_gbs, frac_of_copy=gbs / copy_gbs,
-                           extra_MiB=extra / 2**20, extra_x_logits=extra / logit_bytes,
-                           loss_rel_diff=rel, error=err,
-                           device=torch.cuda.get_device_name(),
-                           date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                row = dict(
+                    N=N_ROWS,
+                    V=vocab,
+                    dtype=dname,
+                    method=name,
+                    ms=ms,
+                    model_GBps=gbs,
+                    copy_GBps=copy_gbs,
+                    frac_of_copy=gbs / copy_gbs,
+                    extra_MiB=extra / 2**20,
+                    extra_x_logits=extra / logit_bytes,
+                    loss_rel_diff=rel,
+                    error=err,
+                    device=torch.cuda.get_device_name(),
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                )
                 rows.append(row)
-                print(f"  V={vocab} {dname} {name}: {ms:.3f} ms {err} "
-                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                print(
+                    f"  V={vocab} {dname} {name}: {ms:.3f} ms {err} "
+                    f"({time.perf_counter() - t0:.1f} s)",
+                    flush=True,
+                )
             del base, y
             torch.cuda.empty_cache()
     os.makedirs(out_dir, exist_ok=True)
@@ -222,8 +245,10 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| V | dtype | method | fwd+bwd ms | GB/s (2·N·V·b) | % of copy | extra peak MiB "
-            "| × logits | loss rel. diff |")
+    head = (
+        "| V | dtype | method | fwd+bwd ms | GB/s (2·N·V·b) | % of copy | extra peak MiB "
+        "| × logits | loss rel. diff |"
+    )
     lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["error"]:
@@ -232,11 +257,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['V']} | {r['dtype']} | {r['method']} | {r['ms']:.2f} | {r['model_GBps']:.0f} "
             f"| {100 * r['frac_of_copy']:.0f}% | {r['extra_MiB']:.0f} | "
-            f"{r['extra_x_logits']:.2f} | {r['loss_rel_diff']:.1e} |")
+            f"{r['extra_x_logits']:.2f} | {r['loss_rel_diff']:.1e} |"
+        )
     copies = sorted({(r["V"], r["dtype"], r["copy_GBps"]) for r in rows})
     lines.append("")
-    lines.append("device-to-device copy: " + ", ".join(
-        f"V={v} {d}: {c:.0f} GB/s" for v, d, c in copies))
+    lines.append(
+        "device-to-device copy: " + ", ".join(f"V={v} {d}: {c:.0f} GB/s" for v, d, c in copies)
+    )
     return "\n".join(lines)
 
 
@@ -252,9 +279,12 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         build = torch.version.cuda or "none: this torch is a CPU build"
-        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA {build}). "
-              "Run it on a GPU machine with a CUDA build of torch, e.g. "
-              "`make gpu-check GPU_PY=path/to/cuda/venv/bin/python`.", file=sys.stderr)
+        print(
+            f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA {build}). "
+            "Run it on a GPU machine with a CUDA build of torch, e.g. "
+            "`make gpu-check GPU_PY=path/to/cuda/venv/bin/python`.",
+            file=sys.stderr,
+        )
         return 2
     t0 = time.perf_counter()
     print(device_report())
@@ -264,16 +294,22 @@ def main() -> int:
     tests_ok = True
     if not args.skip_tests:
         tests_ok = run_tests(args.test_timeout)
-        print(f"\ntests: {'all passed' if tests_ok else 'FAILURES (see above)'} "
-              f"({time.perf_counter() - t0:.0f} s so far)")
+        print(
+            f"\ntests: {'all passed' if tests_ok else 'FAILURES (see above)'} "
+            f"({time.perf_counter() - t0:.0f} s so far)"
+        )
     if not args.skip_bench:
-        print(f"\n## benchmark: N={N_ROWS}, fwd+bwd, label_smoothing={SMOOTHING}, "
-              f"median of {args.reps}")
+        print(
+            f"\n## benchmark: N={N_ROWS}, fwd+bwd, label_smoothing={SMOOTHING}, "
+            f"median of {args.reps}"
+        )
         backends = [b for b in args.backends.split(",") if b] or None
         rows = run_bench(args.reps, args.out, backends)
         print()
-        print(f"{torch.cuda.get_device_name()}, "
-              f"{time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__}")
+        print(
+            f"{torch.cuda.get_device_name()}, "
+            f"{time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__}"
+        )
         print()
         print(markdown(rows))
     print(f"\ngpu_check finished in {time.perf_counter() - t0:.0f} s")

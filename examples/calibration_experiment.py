@@ -83,8 +83,9 @@ def class_similarity(X: torch.Tensor, y: torch.Tensor, C: int = 10) -> torch.Ten
 
 def make_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                         nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
 
 
 def loss_options(method: str, S: torch.Tensor) -> dict:
@@ -95,8 +96,9 @@ def loss_options(method: str, S: torch.Tensor) -> dict:
     if method == "similarity":
         return dict(smoothing=0.1, similarity=S)
     if method == "adaptive":
-        return dict(smoothing=0.1,
-                    adaptive=fused_ls.ConfidenceAdaptive(0.5, 3.0, confidence="target"))
+        return dict(
+            smoothing=0.1, adaptive=fused_ls.ConfidenceAdaptive(0.5, 3.0, confidence="target")
+        )
     raise ValueError(method)
 
 
@@ -104,12 +106,14 @@ def loss_options(method: str, S: torch.Tensor) -> dict:
 def evaluate(model, X, y, n_bins):
     logits = model(X)
     # ε = 0: the loss rows are the NLL; Stats give confidence and prediction without a softmax
-    nll, st = fused_ls.label_smoothing_cross_entropy(logits, y, 0.0, reduction="none",
-                                                     return_stats=True)
+    nll, st = fused_ls.label_smoothing_cross_entropy(
+        logits, y, 0.0, reduction="none", return_stats=True
+    )
     acc = float((st.prediction == y).float().mean())
     ece = expected_calibration_error(st, y, n_bins)
-    return dict(acc=acc, nll=float(nll.mean()), ece=ece,
-                conf_minus_acc=float(st.confidence.mean()) - acc), st
+    return dict(
+        acc=acc, nll=float(nll.mean()), ece=ece, conf_minus_acc=float(st.confidence.mean()) - acc
+    ), st
 
 
 def run(method, seed, data, S, epochs, batch, lr, n_bins):
@@ -124,7 +128,7 @@ def run(method, seed, data, S, epochs, batch, lr, n_bins):
         perm = torch.randperm(len(ytr), generator=gen)
         total = 0.0
         for i in range(0, len(perm), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             loss = crit(model(Xtr[idx]), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,15 +153,19 @@ def pm(vals, scale=1.0, digits=2):
 def table(results, seeds):
     """Markdown table, mean ± std over seeds; the last column is the per-seed (paired)
     accuracy difference to ``none``, since the split-to-split spread hides small effects."""
-    lines = ["| method | test accuracy (%) | Δ accuracy vs none, paired (pp) | test NLL | "
-             "ECE (%) | mean conf − acc (%) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | test accuracy (%) | Δ accuracy vs none, paired (pp) | test NLL | "
+        "ECE (%) | mean conf − acc (%) |",
+        "|---|---|---|---|---|---|",
+    ]
     base = np.asarray(results["none"]["acc"])
     for m in METHODS:
         r = results[m]
         delta = "—" if m == "none" else pm(np.asarray(r["acc"]) - base, 100)
-        lines.append(f"| {m} | {pm(r['acc'], 100)} | {delta} | {pm(r['nll'], 1, 3)} | "
-                     f"{pm(r['ece'], 100)} | {pm(r['conf_minus_acc'], 100)} |")
+        lines.append(
+            f"| {m} | {pm(r['acc'], 100)} | {delta} | {pm(r['nll'], 1, 3)} | "
+            f"{pm(r['ece'], 100)} | {pm(r['conf_minus_acc'], 100)} |"
+        )
     lines.append(f"\nmean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))})")
     return "\n".join(lines)
 
@@ -169,8 +177,11 @@ def plot_curves(curves, path, title):
     fig = Figure(figsize=(12, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    keys = [("train_loss", "training loss (each method's own loss)"),
-            ("test_nll", "test NLL"), ("test_ece", "test ECE")]
+    keys = [
+        ("train_loss", "training loss (each method's own loss)"),
+        ("test_nll", "test NLL"),
+        ("test_ece", "test ECE"),
+    ]
     for ax, (k, label) in zip(axes, keys, strict=True):
         for m in METHODS:
             a = np.array([c[k] for c in curves[m]])
@@ -215,25 +226,37 @@ def main(argv=None):
         Xtr, ytr, Xte, yte, n_flipped = load_data(seed, args.noise)
         S = class_similarity(Xtr, ytr)
         for m in METHODS:
-            final, curve, st = run(m, seed, (Xtr, ytr, Xte, yte), S, epochs, args.batch,
-                                   args.lr, args.bins)
+            final, curve, st = run(
+                m, seed, (Xtr, ytr, Xte, yte), S, epochs, args.batch, args.lr, args.bins
+            )
             for k, v in final.items():
                 results[m][k].append(v)
             curves[m].append(curve)
             for lst, v in zip(pooled[m], (st.confidence, st.prediction, yte), strict=True):
                 lst.append(v)
-        print(f"seed {seed}: {len(ytr)} train ({n_flipped} labels flipped), {len(yte)} test; "
-              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(
+            f"seed {seed}: {len(ytr)} train ({n_flipped} labels flipped), {len(yte)} test; "
+            f"{time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
 
-    setting = (f"digits, {int(100 * args.noise)}% training labels flipped, {epochs} epochs, "
-               f"{n_seeds} seeds")
+    setting = (
+        f"digits, {int(100 * args.noise)}% training labels flipped, {epochs} epochs, "
+        f"{n_seeds} seeds"
+    )
     text = f"### {setting}\n\n{table(results, seeds)}\n"
     print(text)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"setting": vars(args) | {"seeds": seeds, "epochs": epochs},
-                   "results": results, "curves": curves}, f)
+        json.dump(
+            {
+                "setting": vars(args) | {"seeds": seeds, "epochs": epochs},
+                "results": results,
+                "curves": curves,
+            },
+            f,
+        )
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -245,14 +268,21 @@ def main(argv=None):
         conf, pred, y = (torch.cat(v) for v in pooled[m])
         kw = dict(confidence=conf, prediction=pred, n_bins=args.bins)
         reliability_diagram(target=y, ax=ax, title=m, **kw)
-        reliability_diagram(target=y, path=os.path.join(args.out, f"reliability_{m}.png"),
-                            title=f"{m}\n{setting}", **kw)
+        reliability_diagram(
+            target=y,
+            path=os.path.join(args.out, f"reliability_{m}.png"),
+            title=f"{m}\n{setting}",
+            **kw,
+        )
     grid.suptitle(f"Reliability on the test split, all seeds pooled: {setting}", fontsize=10)
     grid.tight_layout()
     grid.savefig(os.path.join(args.out, "reliability.png"))
     plot_curves(curves, os.path.join(args.out, "curves.png"), setting)
-    print(f"wrote {args.out}/results.md, reliability*.png, curves.png "
-          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"wrote {args.out}/results.md, reliability*.png, curves.png "
+        f"in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     return results
 
 

@@ -1,6 +1,6 @@
 """Quick tour of the fused_ls API on random data (runs on a laptop CPU in a second).
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import torch
@@ -23,8 +23,9 @@ print(f"fused loss {loss.item():.6f}   PyTorch {reference.item():.6f}")
 
 # 2. similarity-aware smoothing: mass goes to classes similar to the target, not uniformly
 similarity = torch.rand(C, C)  # e.g. from class-embedding distances; rows are normalised
-loss = fused_ls.label_smoothing_cross_entropy(logits, target, 0.1, similarity=similarity,
-                                              similarity_mix=0.5)
+loss = fused_ls.label_smoothing_cross_entropy(
+    logits, target, 0.1, similarity=similarity, similarity_mix=0.5
+)
 print(f"similarity-aware (β=0.5): {loss.item():.6f}")
 sparse = SparseSimilarity.from_dense(similarity, k=3)  # k neighbours per class, for large C
 loss = fused_ls.label_smoothing_cross_entropy(logits, target, 0.1, similarity=sparse)
@@ -34,8 +35,9 @@ print(f"sparse similarity (k=3):  {loss.item():.6f}")
 eps = torch.linspace(0.0, 0.3, N)
 print(f"per-sample ε:             {crit(logits, target, smoothing=eps).item():.6f}")
 adaptive = ConfidenceAdaptive(threshold=0.5, factor=2.0, confidence="max")
-loss, stats = fused_ls.label_smoothing_cross_entropy(logits, target, 0.1, adaptive=adaptive,
-                                                     return_stats=True)
+loss, stats = fused_ls.label_smoothing_cross_entropy(
+    logits, target, 0.1, adaptive=adaptive, return_stats=True
+)
 print(f"adaptive:                 {loss.item():.6f}; max p per row {stats.confidence}")
 
 # 4. LM-style: [batch, vocab, seq] layout, padding ignored, z-loss and logit soft-capping

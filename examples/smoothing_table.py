@@ -33,23 +33,35 @@ def smoothing_rows(num_classes: int, epsilons=EPSILONS) -> list[dict]:
         q = label_smoothing(torch.tensor([0]), num_classes, eps)[0]
         t, o = float(q[0]), float(q[1]) if num_classes > 1 else 0.0
         ent = float(-(q[q > 0] * q[q > 0].log()).sum()) + 0.0  # no "-0.0" at ε = 0
-        rows.append(dict(eps=eps, target=t, other=o, sum=float(q.sum()),
-                         ratio=t / o if o > 0 else math.inf,
-                         gap=math.log(t / o) if o > 0 else math.inf, entropy=ent))
+        rows.append(
+            dict(
+                eps=eps,
+                target=t,
+                other=o,
+                sum=float(q.sum()),
+                ratio=t / o if o > 0 else math.inf,
+                gap=math.log(t / o) if o > 0 else math.inf,
+                entropy=ent,
+            )
+        )
     return rows
 
 
 def format_table(num_classes: int, rows: list[dict]) -> str:
-    out = [f"Smoothed targets for C = {num_classes} classes "
-           f"(q_y = 1 − ε + ε/C, q_c = ε/C for c ≠ y)", "",
-           "| ε | target q_y | each non-target q_c | q_y / q_c | optimal logit gap "
-           "log(q_y/q_c) | min loss H(q) (nats) |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        f"Smoothed targets for C = {num_classes} classes (q_y = 1 − ε + ε/C, q_c = ε/C for c ≠ y)",
+        "",
+        "| ε | target q_y | each non-target q_c | q_y / q_c | optimal logit gap "
+        "log(q_y/q_c) | min loss H(q) (nats) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = "∞" if math.isinf(r["ratio"]) else f"{r['ratio']:.1f}"
         gap = "∞" if math.isinf(r["gap"]) else f"{r['gap']:.3f}"
-        out.append(f"| {r['eps']:.2f} | {r['target']:.4f} | {r['other']:.4f} | {ratio} | {gap} | "
-                   f"{r['entropy']:.4f} |")
+        out.append(
+            f"| {r['eps']:.2f} | {r['target']:.4f} | {r['other']:.4f} | {ratio} | {gap} | "
+            f"{r['entropy']:.4f} |"
+        )
     return "\n".join(out)
 
 
@@ -66,11 +78,15 @@ def draw(num_classes: int, path: str, target: int = 3) -> None:
         for d in (-1, 1):
             if 0 <= c + d < C:
                 S[c, c + d] = 1.0
-    panels = [("one-hot (ε = 0)", label_smoothing(y, C, 0.0)[0]),
-              ("uniform, ε = 0.1", label_smoothing(y, C, 0.1)[0]),
-              ("uniform, ε = 0.3", label_smoothing(y, C, 0.3)[0]),
-              ("similarity-aware, ε = 0.3\n(mass on classes y ± 1)",
-               label_smoothing(y, C, 0.3, similarity=S)[0])]
+    panels = [
+        ("one-hot (ε = 0)", label_smoothing(y, C, 0.0)[0]),
+        ("uniform, ε = 0.1", label_smoothing(y, C, 0.1)[0]),
+        ("uniform, ε = 0.3", label_smoothing(y, C, 0.3)[0]),
+        (
+            "similarity-aware, ε = 0.3\n(mass on classes y ± 1)",
+            label_smoothing(y, C, 0.3, similarity=S)[0],
+        ),
+    ]
     fig = Figure(figsize=(3.1 * len(panels), 3.0), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharey=True)

@@ -33,14 +33,17 @@ class ConfidenceAdaptive:
             raise ValueError(f"ConfidenceAdaptive: factor must be finite and >= 0, got {factor!r}")
         if confidence not in ("max", "target"):
             raise ValueError(
-                f"ConfidenceAdaptive: confidence must be 'max' or 'target', got {confidence!r}")
+                f"ConfidenceAdaptive: confidence must be 'max' or 'target', got {confidence!r}"
+            )
         self.threshold = float(threshold)
         self.factor = float(factor)
         self.confidence = confidence
 
     def __repr__(self) -> str:
-        return (f"ConfidenceAdaptive(threshold={self.threshold}, factor={self.factor}, "
-                f"confidence={self.confidence!r})")
+        return (
+            f"ConfidenceAdaptive(threshold={self.threshold}, factor={self.factor}, "
+            f"confidence={self.confidence!r})"
+        )
 
 
 class SparseSimilarity:
@@ -56,12 +59,16 @@ class SparseSimilarity:
     def __init__(self, indices: Tensor, values: Tensor):
         if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.is_floating_point():
             raise ValueError("SparseSimilarity: indices must be an integer tensor of shape [C, k]")
-        if not isinstance(values, Tensor) or values.shape != indices.shape or \
-                not values.is_floating_point():
+        if (
+            not isinstance(values, Tensor)
+            or values.shape != indices.shape
+            or not values.is_floating_point()
+        ):
             raise ValueError(
                 f"SparseSimilarity: values must be a float tensor of indices' shape "
                 f"{tuple(indices.shape)}, got "
-                f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}")
+                f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}"
+            )
         if values.device != indices.device:
             raise ValueError("SparseSimilarity: indices and values must be on the same device")
         C = indices.shape[0]
@@ -109,15 +116,18 @@ def _finite(v) -> bool:
 
 def _unit_interval(name: str, v) -> float:
     if not _is_real_scalar(v) or not (0.0 <= v <= 1.0):  # NaN fails the comparison
-        raise ValueError(f"{name} must be a float in [0, 1] or a tensor of the target's shape, "
-                         f"got {v!r}")
+        raise ValueError(
+            f"{name} must be a float in [0, 1] or a tensor of the target's shape, got {v!r}"
+        )
     return float(v)
 
 
 def _per_sample(name: str, v: Tensor, target_shape, device) -> Tensor:
     if tuple(v.shape) != tuple(target_shape):
-        raise ValueError(f"{name} tensor must have the target's shape {tuple(target_shape)}, "
-                         f"got {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} tensor must have the target's shape {tuple(target_shape)}, "
+            f"got {tuple(v.shape)}"
+        )
     if not v.is_floating_point():
         raise ValueError(f"{name} tensor must be floating point, got {v.dtype}")
     if v.device != device:
@@ -128,13 +138,18 @@ def _per_sample(name: str, v: Tensor, target_shape, device) -> Tensor:
 def _soft_target_loss(logits, target, smoothing, weight, reduction, extras):
     used = [k for k, v in extras.items() if v]
     if used:
-        raise ValueError("probability (float) targets follow F.cross_entropy exactly and do not "
-                         f"support: {', '.join(used)}")
+        raise ValueError(
+            "probability (float) targets follow F.cross_entropy exactly and do not "
+            f"support: {', '.join(used)}"
+        )
     if tuple(target.shape) != tuple(logits.shape):
-        raise ValueError(f"probability targets must have the logits' shape {tuple(logits.shape)}, "
-                         f"got {tuple(target.shape)}")
-    return F.cross_entropy(logits, target, weight=weight, reduction=reduction,
-                           label_smoothing=smoothing)
+        raise ValueError(
+            f"probability targets must have the logits' shape {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    return F.cross_entropy(
+        logits, target, weight=weight, reduction=reduction, label_smoothing=smoothing
+    )
 
 
 def label_smoothing_cross_entropy(
@@ -186,8 +201,10 @@ def label_smoothing_cross_entropy(
         the loss (fp32; fp64 for fp64 logits), and ``Stats`` if ``return_stats``.
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise TypeError("logits must be a floating-point tensor, got "
-                        f"{logits.dtype if isinstance(logits, Tensor) else type(logits).__name__}")
+        raise TypeError(
+            "logits must be a floating-point tensor, got "
+            f"{logits.dtype if isinstance(logits, Tensor) else type(logits).__name__}"
+        )
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if reduction not in REDUCTIONS:
@@ -201,15 +218,23 @@ def label_smoothing_cross_entropy(
         raise ValueError("logits must have at least 1 dimension (the classes)")
 
     if target.is_floating_point():
-        return _soft_target_loss(logits, target, smoothing if eps_t is None else eps_t, weight,
-                                 reduction, {
-                                     "per-sample smoothing": eps_t is not None,
-                                     "similarity": similarity is not None,
-                                     "adaptive": adaptive is not None, "z_loss": z_loss != 0,
-                                     "softcap": softcap is not None,
-                                     "confidence_penalty": confidence_penalty != 0,
-                                     "mix_target": mix_target is not None,
-                                     "return_stats": return_stats})
+        return _soft_target_loss(
+            logits,
+            target,
+            smoothing if eps_t is None else eps_t,
+            weight,
+            reduction,
+            {
+                "per-sample smoothing": eps_t is not None,
+                "similarity": similarity is not None,
+                "adaptive": adaptive is not None,
+                "z_loss": z_loss != 0,
+                "softcap": softcap is not None,
+                "confidence_penalty": confidence_penalty != 0,
+                "mix_target": mix_target is not None,
+                "return_stats": return_stats,
+            },
+        )
 
     C = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
     if logits.dim() == 1:
@@ -222,8 +247,10 @@ def label_smoothing_cross_entropy(
         expected = logits.shape[:1] + logits.shape[2:]
         x = logits.movedim(1, -1).reshape(-1, C)
     if tuple(target.shape) != tuple(expected):
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape "
-                         f"{tuple(logits.shape)}: expected {tuple(expected)}")
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape "
+            f"{tuple(logits.shape)}: expected {tuple(expected)}"
+        )
     if C == 0:
         raise ValueError("logits must have at least one class (dim 1 has size 0)")
     if target.device != logits.device:
@@ -249,18 +276,22 @@ def label_smoothing_cross_entropy(
         sparse = similarity if similarity.indices.device == dev else similarity.to(dev)
     elif isinstance(similarity, Tensor):
         if tuple(similarity.shape) != (C, C):
-            raise ValueError(f"similarity must be [C, C] = [{C}, {C}], got "
-                             f"{tuple(similarity.shape)}")
+            raise ValueError(
+                f"similarity must be [C, C] = [{C}, {C}], got {tuple(similarity.shape)}"
+            )
         if similarity.device != dev:
             raise ValueError(f"similarity is on {similarity.device} but logits are on {dev}")
         dense = similarity.detach()
     elif similarity is not None:
-        raise TypeError("similarity must be None, a [C, C] tensor or SparseSimilarity, got "
-                        f"{type(similarity).__name__}")
+        raise TypeError(
+            "similarity must be None, a [C, C] tensor or SparseSimilarity, got "
+            f"{type(similarity).__name__}"
+        )
     beta = _unit_interval("similarity_mix", similarity_mix)
     if adaptive is not None and not isinstance(adaptive, ConfidenceAdaptive):
-        raise TypeError("adaptive must be None or ConfidenceAdaptive, got "
-                        f"{type(adaptive).__name__}")
+        raise TypeError(
+            f"adaptive must be None or ConfidenceAdaptive, got {type(adaptive).__name__}"
+        )
     for name, v in (("z_loss", z_loss), ("confidence_penalty", confidence_penalty)):
         if not _is_real_scalar(v) or not _finite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
@@ -270,10 +301,14 @@ def label_smoothing_cross_entropy(
     mix_y = mix_rows = None
     mix_scalar = 1.0
     if mix_target is not None:
-        if not isinstance(mix_target, Tensor) or tuple(mix_target.shape) != tuple(target.shape) \
-                or mix_target.is_floating_point():
-            raise ValueError(f"mix_target must be an integer tensor of the target's shape "
-                             f"{tuple(target.shape)}")
+        if (
+            not isinstance(mix_target, Tensor)
+            or tuple(mix_target.shape) != tuple(target.shape)
+            or mix_target.is_floating_point()
+        ):
+            raise ValueError(
+                f"mix_target must be an integer tensor of the target's shape {tuple(target.shape)}"
+            )
         if mix_target.device != dev:
             raise ValueError(f"mix_target is on {mix_target.device} but logits are on {dev}")
         if mix_lambda is None:
@@ -289,14 +324,28 @@ def label_smoothing_cross_entropy(
     req = backends.Request(dev.type, logits.dtype, C, dense is not None, sparse is not None)
     chosen = backends.resolve(backend, req)
     outs = torch.ops.fused_ls.forward(
-        x, y, weight, eps_rows, dense,
+        x,
+        y,
+        weight,
+        eps_rows,
+        dense,
         sparse.indices if sparse is not None else None,
         sparse.values if sparse is not None else None,
-        mix_y, mix_rows, smoothing, beta, int(ignore_index),
-        adaptive.threshold if adaptive else 0.0, adaptive.factor if adaptive else 1.0,
+        mix_y,
+        mix_rows,
+        smoothing,
+        beta,
+        int(ignore_index),
+        adaptive.threshold if adaptive else 0.0,
+        adaptive.factor if adaptive else 1.0,
         _ops.ADAPTIVE_MODES[adaptive.confidence if adaptive else None],
-        float(z_loss), float(softcap or 0.0), float(confidence_penalty), mix_scalar,
-        chosen, bool(inplace_backward))
+        float(z_loss),
+        float(softcap or 0.0),
+        float(confidence_penalty),
+        mix_scalar,
+        chosen,
+        bool(inplace_backward),
+    )
     loss_rows, row_w, lse, conf, pred = outs[:5]
     if reduction == "none":
         loss = loss_rows.reshape(target.shape)
@@ -307,8 +356,9 @@ def label_smoothing_cross_entropy(
     if not return_stats:
         return loss
     shape = target.shape
-    return loss, Stats(lse.detach().reshape(shape), conf.detach().reshape(shape),
-                       pred.reshape(shape))
+    return loss, Stats(
+        lse.detach().reshape(shape), conf.detach().reshape(shape), pred.reshape(shape)
+    )
 
 
 class FusedLabelSmoothingCE(nn.Module):
@@ -320,14 +370,29 @@ class FusedLabelSmoothingCE(nn.Module):
     ``smoothing`` attribute may be changed between steps (schedules).
     """
 
-    def __init__(self, smoothing: float = 0.1, weight: Tensor | None = None,
-                 ignore_index: int = -100, reduction: str = "mean", **kwargs):
+    def __init__(
+        self,
+        smoothing: float = 0.1,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        **kwargs,
+    ):
         super().__init__()
         _unit_interval("smoothing", smoothing)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        allowed = {"similarity", "similarity_mix", "adaptive", "z_loss", "softcap",
-                   "confidence_penalty", "inplace_backward", "return_stats", "backend"}
+        allowed = {
+            "similarity",
+            "similarity_mix",
+            "adaptive",
+            "z_loss",
+            "softcap",
+            "confidence_penalty",
+            "inplace_backward",
+            "return_stats",
+            "backend",
+        }
         unknown = set(kwargs) - allowed
         if unknown:
             raise TypeError(f"FusedLabelSmoothingCE got unexpected keyword(s) {sorted(unknown)}")
@@ -342,15 +407,30 @@ class FusedLabelSmoothingCE(nn.Module):
             self.similarity = sim
         self.options = kwargs
 
-    def forward(self, logits: Tensor, target: Tensor, smoothing: Tensor | float | None = None,
-                mix_target: Tensor | None = None, mix_lambda: float | Tensor | None = None):
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        smoothing: Tensor | float | None = None,
+        mix_target: Tensor | None = None,
+        mix_lambda: float | Tensor | None = None,
+    ):
         return label_smoothing_cross_entropy(
-            logits, target, self.smoothing if smoothing is None else smoothing,
-            weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            similarity=self.similarity, mix_target=mix_target, mix_lambda=mix_lambda,
-            **self.options)
+            logits,
+            target,
+            self.smoothing if smoothing is None else smoothing,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            similarity=self.similarity,
+            mix_target=mix_target,
+            mix_lambda=mix_lambda,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return (f"smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}{opts}")
+        return (
+            f"smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}{opts}"
+        )

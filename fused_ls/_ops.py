@@ -52,8 +52,13 @@ def wmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def smoothing_matrix(
-    C: int, weight: Optional[Tensor], similarity: Optional[Tensor], beta: float,
-    has_sparse: bool, acc: torch.dtype, device: torch.device,
+    C: int,
+    weight: Optional[Tensor],
+    similarity: Optional[Tensor],
+    beta: float,
+    has_sparse: bool,
+    acc: torch.dtype,
+    device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """R (rows of r ⊙ w, see module doc) and its row sums M_dense ([1] or [C])."""
     w = weight.to(device=device, dtype=acc) if weight is not None else None
@@ -84,25 +89,45 @@ def _validate_rows(x, target, eps_rows, mix_target, mix_rows, similarity, ignore
     C = x.shape[1]
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= C))
-    _check(bad, IndexError, lambda: (
-        f"target contains {int(target[bad][0])}, outside [0, {C}) and not "
-        f"ignore_index={ignore_index}"))
+    _check(
+        bad,
+        IndexError,
+        lambda: (
+            f"target contains {int(target[bad][0])}, outside [0, {C}) and not "
+            f"ignore_index={ignore_index}"
+        ),
+    )
     if mix_target is not None:
         bad = valid & ((mix_target < 0) | (mix_target >= C))
-        _check(bad, IndexError, lambda: (
-            f"mix_target contains {int(mix_target[bad][0])} on a non-ignored row, "
-            f"outside [0, {C})"))
+        _check(
+            bad,
+            IndexError,
+            lambda: (
+                f"mix_target contains {int(mix_target[bad][0])} on a non-ignored row, "
+                f"outside [0, {C})"
+            ),
+        )
     for name, t in (("smoothing", eps_rows), ("mix_lambda", mix_rows)):
         if t is not None:
             bad = ~((t >= 0) & (t <= 1))  # NaN is bad too
-            _check(bad, ValueError, lambda t=t, bad=bad, name=name: (
-                f"{name} (per-sample tensor) must lie in [0, 1]; found {float(t[bad][0])}"))
+            _check(
+                bad,
+                ValueError,
+                lambda t=t, bad=bad, name=name: (
+                    f"{name} (per-sample tensor) must lie in [0, 1]; found {float(t[bad][0])}"
+                ),
+            )
     if similarity is not None:
         S = similarity
         bad_rows = ~torch.isfinite(S).all(1) | (S < 0).any(1) | ~(S.sum(1) > 0)
-        _check(bad_rows, ValueError, lambda: (
-            "similarity rows must be finite, non-negative and not all zero; row "
-            f"{int(bad_rows.nonzero()[0, 0])} is not"))
+        _check(
+            bad_rows,
+            ValueError,
+            lambda: (
+                "similarity rows must be finite, non-negative and not all zero; row "
+                f"{int(bad_rows.nonzero()[0, 0])} is not"
+            ),
+        )
 
 
 def _n_sparse(sparse_idx: Optional[Tensor], mix_target: Optional[Tensor]) -> int:
@@ -157,12 +182,16 @@ def ls_forward(
     need_pz = confidence_penalty != 0.0
 
     st = backends.get(backend).row_stats(
-        x, R, None if single else ya, None if (single or not has_mix) else yb, softcap, need_pz)
+        x, R, None if single else ya, None if (single or not has_mix) else yb, softcap, need_pz
+    )
     lse = st.lse
 
     w = weight.to(device=dev, dtype=acc) if weight is not None else None
-    eps = (eps_rows.to(acc) if eps_rows is not None
-           else torch.full((N,), smoothing, dtype=acc, device=dev))
+    eps = (
+        eps_rows.to(acc)
+        if eps_rows is not None
+        else torch.full((N,), smoothing, dtype=acc, device=dev)
+    )
     z_a = capped(x.gather(1, ya[:, None])[:, 0], softcap, acc)
     conf = torch.exp(st.m - lse)
     if adaptive_mode != 0:
@@ -189,15 +218,20 @@ def ls_forward(
     L_a, w_a, M_a, cols_a, rw_a = target_terms(ya, z_a, st.dot_a)
     coefs = torch.zeros(N, N_COEFS, dtype=acc, device=dev)
     if has_mix:
-        lam = (mix_rows.to(acc) if mix_rows is not None
-               else torch.full((N,), mix_lambda, dtype=acc, device=dev))
+        lam = (
+            mix_rows.to(acc)
+            if mix_rows is not None
+            else torch.full((N,), mix_lambda, dtype=acc, device=dev)
+        )
         z_b = capped(x.gather(1, yb[:, None])[:, 0], softcap, acc)
         L_b, w_b, M_b, cols_b, rw_b = target_terms(
-            yb, z_b, st.dot_b if st.dot_b is not None else st.dot_a)
+            yb, z_b, st.dot_b if st.dot_b is not None else st.dot_a
+        )
         loss = wmul(lam, L_a) + wmul(1 - lam, L_b)
         W = lam * w_a + (1 - lam) * w_b
         coefs[:, COEF] = lam * (w_a * (1 - eps) + eps * M_a) + (1 - lam) * (
-            w_b * (1 - eps) + eps * M_b)
+            w_b * (1 - eps) + eps * M_b
+        )
         coefs[:, T_A] = lam * w_a * (1 - eps)
         coefs[:, T_B] = (1 - lam) * w_b * (1 - eps)
         if single:
@@ -240,17 +274,45 @@ def ls_forward(
 
 
 @ls_forward.register_fake
-def _(x, target, weight, eps_rows, similarity, sparse_idx, sparse_val, mix_target, mix_rows,
-      smoothing, similarity_mix, ignore_index, adaptive_threshold, adaptive_factor, adaptive_mode,
-      z_loss, softcap, confidence_penalty, mix_lambda, backend, inplace_backward):
+def _(
+    x,
+    target,
+    weight,
+    eps_rows,
+    similarity,
+    sparse_idx,
+    sparse_val,
+    mix_target,
+    mix_rows,
+    smoothing,
+    similarity_mix,
+    ignore_index,
+    adaptive_threshold,
+    adaptive_factor,
+    adaptive_mode,
+    z_loss,
+    softcap,
+    confidence_penalty,
+    mix_lambda,
+    backend,
+    inplace_backward,
+):
     N = x.shape[0]
     acc = acc_dtype(x.dtype)
     row = lambda: x.new_empty(N, dtype=acc)  # noqa: E731
     K = _n_sparse(sparse_idx, mix_target)
-    return (row(), row(), row(), row(), x.new_empty(N, dtype=torch.int64), row(),
-            x.new_empty(N if confidence_penalty != 0.0 else 0, dtype=acc),
-            x.new_empty(N, N_COEFS, dtype=acc), x.new_empty(N, K, dtype=torch.int64),
-            x.new_empty(N, K, dtype=acc))
+    return (
+        row(),
+        row(),
+        row(),
+        row(),
+        x.new_empty(N, dtype=torch.int64),
+        row(),
+        x.new_empty(N if confidence_penalty != 0.0 else 0, dtype=acc),
+        x.new_empty(N, N_COEFS, dtype=acc),
+        x.new_empty(N, K, dtype=torch.int64),
+        x.new_empty(N, K, dtype=acc),
+    )
 
 
 @torch.library.custom_op("fused_ls::backward", mutates_args=("out",))
@@ -289,33 +351,87 @@ def ls_backward(
         gamma=k[:, GAMMA] if pz.numel() else None,
         u_a=k[:, U_A],
         u_b=None if (single or yb is None) else k[:, U_B],
-        y_a=ya, t_a=k[:, T_A],
-        y_b=yb, t_b=k[:, T_B] if yb is not None else None,
+        y_a=ya,
+        t_a=k[:, T_A],
+        y_b=yb,
+        t_b=k[:, T_B] if yb is not None else None,
     )
     backends.get(backend).grad_rows(
-        x, out, R, None if single else ya, None if (single or yb is None) else yb, lse,
-        pz if pz.numel() else None, terms,
+        x,
+        out,
+        R,
+        None if single else ya,
+        None if (single or yb is None) else yb,
+        lse,
+        pz if pz.numel() else None,
+        terms,
         sparse_cols if has_sparse else None,
-        torch.where(sparse_mass == 0, 0, sparse_mass * go) if has_sparse else None, softcap)
+        torch.where(sparse_mass == 0, 0, sparse_mass * go) if has_sparse else None,
+        softcap,
+    )
 
 
 @ls_backward.register_fake
-def _(grad_loss, x, out, target, mix_target, weight, similarity, lse, pz, coefs, sparse_cols,
-      sparse_mass, similarity_mix, softcap, backend):
+def _(
+    grad_loss,
+    x,
+    out,
+    target,
+    mix_target,
+    weight,
+    similarity,
+    lse,
+    pz,
+    coefs,
+    sparse_cols,
+    sparse_mass,
+    similarity_mix,
+    softcap,
+    backend,
+):
     return None
 
 
-_FWD_ARGS = ("x", "target", "weight", "eps_rows", "similarity", "sparse_idx", "sparse_val",
-             "mix_target", "mix_rows", "smoothing", "similarity_mix", "ignore_index",
-             "adaptive_threshold", "adaptive_factor", "adaptive_mode", "z_loss", "softcap",
-             "confidence_penalty", "mix_lambda", "backend", "inplace_backward")
+_FWD_ARGS = (
+    "x",
+    "target",
+    "weight",
+    "eps_rows",
+    "similarity",
+    "sparse_idx",
+    "sparse_val",
+    "mix_target",
+    "mix_rows",
+    "smoothing",
+    "similarity_mix",
+    "ignore_index",
+    "adaptive_threshold",
+    "adaptive_factor",
+    "adaptive_mode",
+    "z_loss",
+    "softcap",
+    "confidence_penalty",
+    "mix_lambda",
+    "backend",
+    "inplace_backward",
+)
 
 
 def _setup_context(ctx, inputs, output):
     a = dict(zip(_FWD_ARGS, inputs, strict=True))
     _, _, lse, _, _, _, pz, coefs, cols, mass = output
-    ctx.save_for_backward(a["x"], a["target"], a["mix_target"], a["weight"], a["similarity"],
-                          lse, pz, coefs, cols, mass)
+    ctx.save_for_backward(
+        a["x"],
+        a["target"],
+        a["mix_target"],
+        a["weight"],
+        a["similarity"],
+        lse,
+        pz,
+        coefs,
+        cols,
+        mass,
+    )
     ctx.cfg = (a["similarity_mix"], a["softcap"], a["backend"], a["inplace_backward"])
 
 
@@ -328,8 +444,23 @@ def _backward(ctx, grad_loss, *unused):
     # so the dispatcher bumps its version counter and any other op that saved the same logits
     # raises instead of computing with corrupted values (DESIGN.md §4).
     out = x if inplace else torch.empty_like(x)
-    torch.ops.fused_ls.backward(grad_loss, x, out, target, mix_target, weight, similarity, lse,
-                                pz, coefs, cols, mass, beta, softcap, backend)
+    torch.ops.fused_ls.backward(
+        grad_loss,
+        x,
+        out,
+        target,
+        mix_target,
+        weight,
+        similarity,
+        lse,
+        pz,
+        coefs,
+        cols,
+        mass,
+        beta,
+        softcap,
+        backend,
+    )
     return (out,) + (None,) * (len(_FWD_ARGS) - 1)
 
 

@@ -80,24 +80,31 @@ def top_label(
         if not isinstance(probs, Tensor) or not probs.is_floating_point():
             raise TypeError("probs must be a floating-point tensor of probabilities [N, C]")
         if probs.dim() < 2:
-            raise ValueError(f"probs must be [N, C] or [N, C, d1, ...], got shape "
-                             f"{tuple(probs.shape)}")
+            raise ValueError(
+                f"probs must be [N, C] or [N, C, d1, ...], got shape {tuple(probs.shape)}"
+            )
         expected = probs.shape[:1] + probs.shape[2:]
         if tuple(target.shape) != tuple(expected):
-            raise ValueError(f"target shape {tuple(target.shape)} does not match probs shape "
-                             f"{tuple(probs.shape)}: expected {tuple(expected)}")
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match probs shape "
+                f"{tuple(probs.shape)}: expected {tuple(expected)}"
+            )
         C = probs.shape[1]
         if C == 0:
             raise ValueError("probs must have at least one class")
         p = probs.detach().movedim(1, -1).reshape(-1, C).double()
         if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or bool((p > 1).any()):
-            raise ValueError("probs must be finite and in [0, 1] (did you pass logits? apply "
-                             "softmax first, or pass confidence=/prediction= from return_stats)")
+            raise ValueError(
+                "probs must be finite and in [0, 1] (did you pass logits? apply "
+                "softmax first, or pass confidence=/prediction= from return_stats)"
+            )
         tol = 1e-2 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-4
         sums = p.sum(1)
         if p.shape[0] and float((sums - 1).abs().max()) > tol:
-            raise ValueError(f"probs rows must sum to 1; row sums range over "
-                             f"[{float(sums.min()):.4g}, {float(sums.max()):.4g}]")
+            raise ValueError(
+                f"probs rows must sum to 1; row sums range over "
+                f"[{float(sums.min()):.4g}, {float(sums.max()):.4g}]"
+            )
         conf, pred = p.max(1)
     else:
         if confidence is None or prediction is None:
@@ -105,8 +112,10 @@ def top_label(
         for name, t in (("confidence", confidence), ("prediction", prediction)):
             if not isinstance(t, Tensor) or tuple(t.shape) != tuple(target.shape):
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a tensor of the target's shape "
-                                 f"{tuple(target.shape)}, got {shape}")
+                raise ValueError(
+                    f"{name} must be a tensor of the target's shape "
+                    f"{tuple(target.shape)}, got {shape}"
+                )
         if not confidence.is_floating_point():
             raise ValueError(f"confidence must be floating point, got {confidence.dtype}")
         if prediction.is_floating_point() or prediction.dtype == torch.bool:
@@ -139,8 +148,9 @@ def calibration_bins(
 ) -> CalibrationBins:
     """Equal-width (lo, hi] bins of top-label confidence; arguments as in ``top_label``."""
     n_bins = _check_bins(n_bins)
-    conf, correct = top_label(probs, target, confidence=confidence, prediction=prediction,
-                              ignore_index=ignore_index)
+    conf, correct = top_label(
+        probs, target, confidence=confidence, prediction=prediction, ignore_index=ignore_index
+    )
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
     # bucketize(right=False) returns b with edges[b-1] < c <= edges[b] over the inner edges,
     # i.e. bin b = (e_b, e_{b+1}]; c = 0 lands in bin 0 and c = 1 in the last bin.
@@ -150,9 +160,12 @@ def calibration_bins(
     asum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct.double())
     nonempty = count > 0
     nan = torch.full_like(count, float("nan"))
-    return CalibrationBins(edges, count,
-                           torch.where(nonempty, csum / count.clamp_min(1), nan),
-                           torch.where(nonempty, asum / count.clamp_min(1), nan))
+    return CalibrationBins(
+        edges,
+        count,
+        torch.where(nonempty, csum / count.clamp_min(1), nan),
+        torch.where(nonempty, asum / count.clamp_min(1), nan),
+    )
 
 
 def expected_calibration_error(
@@ -176,8 +189,14 @@ def expected_calibration_error(
     Returns:
         ECE as a Python float in [0, 1]; NaN when no sample is left.
     """
-    b = calibration_bins(probs, target, n_bins, confidence=confidence, prediction=prediction,
-                         ignore_index=ignore_index)
+    b = calibration_bins(
+        probs,
+        target,
+        n_bins,
+        confidence=confidence,
+        prediction=prediction,
+        ignore_index=ignore_index,
+    )
     n = float(b.count.sum())
     if n == 0:
         return float("nan")
@@ -196,8 +215,14 @@ def maximum_calibration_error(
 ) -> float:
     """Top-label MCE = max over non-empty bins of |acc(B) − conf(B)|; arguments as in
     ``expected_calibration_error``. NaN when no sample is left."""
-    b = calibration_bins(probs, target, n_bins, confidence=confidence, prediction=prediction,
-                         ignore_index=ignore_index)
+    b = calibration_bins(
+        probs,
+        target,
+        n_bins,
+        confidence=confidence,
+        prediction=prediction,
+        ignore_index=ignore_index,
+    )
     gap = (b.accuracy - b.confidence).abs()[b.count > 0]
     return float(gap.max()) if gap.numel() else float("nan")
 
@@ -232,8 +257,14 @@ def reliability_diagram(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    b = calibration_bins(probs, target, n_bins, confidence=confidence, prediction=prediction,
-                         ignore_index=ignore_index)
+    b = calibration_bins(
+        probs,
+        target,
+        n_bins,
+        confidence=confidence,
+        prediction=prediction,
+        ignore_index=ignore_index,
+    )
     n = float(b.count.sum())
     gap = (b.accuracy - b.confidence).abs().nan_to_num(0.0)
     ece = float((b.count / n * gap).sum()) if n else float("nan")
@@ -252,16 +283,43 @@ def reliability_diagram(
     conf = b.confidence.numpy()
     centers = lo + width / 2
     ne = nonempty.numpy()
-    main.bar(lo[ne], acc[ne], width=width, align="edge", color="#4c72b0", edgecolor="black",
-             linewidth=0.5, label="accuracy", zorder=1)
+    main.bar(
+        lo[ne],
+        acc[ne],
+        width=width,
+        align="edge",
+        color="#4c72b0",
+        edgecolor="black",
+        linewidth=0.5,
+        label="accuracy",
+        zorder=1,
+    )
     # the gap between each bin's accuracy and its mean confidence, hatched whichever its sign
-    main.bar(lo[ne], (conf - acc)[ne], bottom=acc[ne], width=width, align="edge",
-             fill=False, edgecolor="#c44e52", hatch="///", linewidth=0.8,
-             label="gap to mean confidence", zorder=2)
-    main.hlines(conf[ne], lo[ne], lo[ne] + width, color="black", linewidth=1.5,
-                label="mean confidence", zorder=3)
-    main.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration",
-              zorder=4)
+    main.bar(
+        lo[ne],
+        (conf - acc)[ne],
+        bottom=acc[ne],
+        width=width,
+        align="edge",
+        fill=False,
+        edgecolor="#c44e52",
+        hatch="///",
+        linewidth=0.8,
+        label="gap to mean confidence",
+        zorder=2,
+    )
+    main.hlines(
+        conf[ne],
+        lo[ne],
+        lo[ne] + width,
+        color="black",
+        linewidth=1.5,
+        label="mean confidence",
+        zorder=3,
+    )
+    main.plot(
+        [0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration", zorder=4
+    )
     main.set_xlim(0, 1)
     main.set_ylim(0, 1)
     main.set_ylabel("accuracy")

@@ -90,8 +90,14 @@ class _ChunkedKL(torch.autograd.Function):
         return gs, gt, None, None, None
 
 
-def kl_divergence_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
-                       *, valid: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+def kl_divergence_rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    valid: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
     """Per-row KL(softmax(teacher/T) ‖ softmax(student/T)), streamed in row chunks.
 
     Args:
@@ -104,8 +110,10 @@ def kl_divergence_rows(student_logits: Tensor, teacher_logits: Tensor, temperatu
         [N] fp32 (fp64 for fp64 student logits), differentiable w.r.t. both inputs.
     """
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits must both be [N, C], got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits must both be [N, C], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     N, C = student_logits.shape
     if valid is None:
         valid = torch.ones(N, dtype=torch.bool, device=student_logits.device)
@@ -158,16 +166,24 @@ def distillation_loss(
     if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():
         raise TypeError("teacher_logits must be a floating-point tensor")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} differs from "
-                         f"student_logits shape {tuple(student_logits.shape)}")
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} differs from "
+            f"student_logits shape {tuple(student_logits.shape)}"
+        )
     if teacher_logits.device != student_logits.device:
-        raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits on "
-                         f"{student_logits.device}")
+        raise ValueError(
+            f"teacher_logits is on {teacher_logits.device} but student_logits on "
+            f"{student_logits.device}"
+        )
     if not isinstance(target, Tensor) or target.is_floating_point():
-        raise ValueError("target must be an integer tensor of class ids (soft targets: use the "
-                         "teacher's logits)")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            "target must be an integer tensor of class ids (soft targets: use the teacher's logits)"
+        )
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -177,12 +193,22 @@ def distillation_loss(
         raise ValueError("logits must have at least 1 dimension (the classes)")
 
     # The hard-label term validates shapes, devices and class ids.
-    ce = label_smoothing_cross_entropy(student_logits, target, smoothing,
-                                       ignore_index=ignore_index, reduction="none",
-                                       backend=backend).reshape(-1)
+    ce = label_smoothing_cross_entropy(
+        student_logits,
+        target,
+        smoothing,
+        ignore_index=ignore_index,
+        reduction="none",
+        backend=backend,
+    ).reshape(-1)
     valid = target.reshape(-1) != ignore_index
-    kl = kl_divergence_rows(_rows(student_logits), _rows(teacher_logits), temperature,
-                            valid=valid, chunk_size=chunk_size)
+    kl = kl_divergence_rows(
+        _rows(student_logits),
+        _rows(teacher_logits),
+        temperature,
+        valid=valid,
+        chunk_size=chunk_size,
+    )
     T2 = float(temperature) ** 2
     rows = alpha * ce + (1.0 - alpha) * T2 * kl.to(ce.dtype)
 

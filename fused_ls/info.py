@@ -10,9 +10,11 @@ import fused_ls
 
 
 def report() -> str:
-    lines = [f"fused_ls {fused_ls.__version__}",
-             f"python {platform.python_version()} ({platform.machine()})",
-             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"]
+    lines = [
+        f"fused_ls {fused_ls.__version__}",
+        f"python {platform.python_version()} ({platform.machine()})",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+    ]
     try:
         import triton
 
@@ -20,8 +22,10 @@ def report() -> str:
     except Exception as e:  # noqa: BLE001 - any import failure is worth reporting
         lines.append(f"triton: not importable ({type(e).__name__}: {e})")
     if torch.cuda.is_available():
-        lines.append(f"cuda device: {torch.cuda.get_device_name()} "
-                     f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        lines.append(
+            f"cuda device: {torch.cuda.get_device_name()} "
+            f"(sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+        )
     else:
         lines.append("cuda device: none")
     lines.append("backends:")

@@ -12,9 +12,14 @@ from torch import Tensor
 from ._api import ConfidenceAdaptive, SparseSimilarity
 
 
-def label_smoothing(labels: Tensor, num_classes: int, smoothing: float | Tensor = 0.1, *,
-                    similarity: Tensor | SparseSimilarity | None = None,
-                    similarity_mix: float = 1.0) -> Tensor:
+def label_smoothing(
+    labels: Tensor,
+    num_classes: int,
+    smoothing: float | Tensor = 0.1,
+    *,
+    similarity: Tensor | SparseSimilarity | None = None,
+    similarity_mix: float = 1.0,
+) -> Tensor:
     """The smoothed target q = (1 − ε)·onehot(y) + ε·r, r = (1 − β)/C + β·S̃[y].
 
     The classic ``label_smoothing(labels, num_classes, smoothing)`` helper (ε/C to every class,
@@ -26,11 +31,13 @@ def label_smoothing(labels: Tensor, num_classes: int, smoothing: float | Tensor 
     r = torch.full_like(onehot, 1.0 / num_classes)
     if similarity is not None:
         if isinstance(similarity, SparseSimilarity):
-            S = torch.zeros(num_classes, num_classes, dtype=torch.float64,
-                            device=similarity.values.device)
+            S = torch.zeros(
+                num_classes, num_classes, dtype=torch.float64, device=similarity.values.device
+            )
             idx = similarity.indices.clamp_min(0)
-            S.scatter_add_(1, idx, torch.where(similarity.indices >= 0,
-                                               similarity.values.double(), 0))
+            S.scatter_add_(
+                1, idx, torch.where(similarity.indices >= 0, similarity.values.double(), 0)
+            )
         else:
             S = similarity.double()
         S = (S / S.sum(1, keepdim=True)).to(onehot.device)
@@ -40,12 +47,21 @@ def label_smoothing(labels: Tensor, num_classes: int, smoothing: float | Tensor 
 
 
 def cross_entropy(
-    logits: Tensor, target: Tensor, smoothing: float | Tensor = 0.1, *,
-    weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-    similarity: Tensor | SparseSimilarity | None = None, similarity_mix: float = 1.0,
-    adaptive: ConfidenceAdaptive | None = None, z_loss: float = 0.0,
-    softcap: float | None = None, confidence_penalty: float = 0.0,
-    mix_target: Tensor | None = None, mix_lambda: float | Tensor | None = None,
+    logits: Tensor,
+    target: Tensor,
+    smoothing: float | Tensor = 0.1,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    similarity: Tensor | SparseSimilarity | None = None,
+    similarity_mix: float = 1.0,
+    adaptive: ConfidenceAdaptive | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    confidence_penalty: float = 0.0,
+    mix_target: Tensor | None = None,
+    mix_lambda: float | Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Dense reference of ``label_smoothing_cross_entropy`` (same arguments), in float64.
@@ -66,21 +82,28 @@ def cross_entropy(
     lse = torch.logsumexp(z, dim=1)
     p = logp.exp()
 
-    eps = (smoothing.to(dt).reshape(-1) if isinstance(smoothing, Tensor)
-           else torch.full_like(lse, float(smoothing)))
+    eps = (
+        smoothing.to(dt).reshape(-1)
+        if isinstance(smoothing, Tensor)
+        else torch.full_like(lse, float(smoothing))
+    )
     if adaptive is not None:
         pd = p.detach()
         conf = pd.max(1).values if adaptive.confidence == "max" else pd.gather(1, ys[:, None])[:, 0]
         eps = torch.where(conf < adaptive.threshold, (eps * adaptive.factor).clamp(max=1), eps)
 
     def q_for(labels):
-        return label_smoothing(labels, C, eps, similarity=similarity,
-                               similarity_mix=similarity_mix).to(dt)
+        return label_smoothing(
+            labels, C, eps, similarity=similarity, similarity_mix=similarity_mix
+        ).to(dt)
 
     w = weight.to(dt) if weight is not None else torch.ones(C, dtype=dt, device=x.device)
     if mix_target is not None:
-        lam = (mix_lambda.to(dt).reshape(-1) if isinstance(mix_lambda, Tensor)
-               else torch.full_like(lse, float(mix_lambda)))
+        lam = (
+            mix_lambda.to(dt).reshape(-1)
+            if isinstance(mix_lambda, Tensor)
+            else torch.full_like(lse, float(mix_lambda))
+        )
         yb = torch.where(valid, mix_target.reshape(-1).long(), 0)
         q = lam[:, None] * q_for(ys) + (1 - lam[:, None]) * q_for(yb)
         W = lam * w[ys] + (1 - lam) * w[yb]

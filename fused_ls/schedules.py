@@ -59,8 +59,9 @@ def constant_smoothing(epoch: float, max_epochs: float, smoothing: float = 0.1) 
     return _eps("smoothing", smoothing)
 
 
-def warmup_smoothing(epoch: float, max_epochs: float, start: float = 0.05, end: float = 0.1,
-                     warmup_frac: float = 0.2) -> float:
+def warmup_smoothing(
+    epoch: float, max_epochs: float, start: float = 0.05, end: float = 0.1, warmup_frac: float = 0.2
+) -> float:
     """Linear warm-up of ε from ``start`` (at epoch 0) to ``end`` (at ``warmup_frac·max_epochs``),
     then constant ``end``. ``warmup_frac = 0`` gives ``end`` from the start."""
     t = _progress(epoch, max_epochs)
@@ -71,24 +72,27 @@ def warmup_smoothing(epoch: float, max_epochs: float, start: float = 0.05, end: 
     return start + (end - start) * (t / warmup_frac)
 
 
-def linear_decay_smoothing(epoch: float, max_epochs: float, start: float = 0.1,
-                           end: float = 0.0) -> float:
+def linear_decay_smoothing(
+    epoch: float, max_epochs: float, start: float = 0.1, end: float = 0.0
+) -> float:
     """ε falls linearly from ``start`` at epoch 0 to ``end`` at ``max_epochs``."""
     t = _progress(epoch, max_epochs)
     start, end = _eps("start", start), _eps("end", end)
     return start + (end - start) * t
 
 
-def cosine_decay_smoothing(epoch: float, max_epochs: float, start: float = 0.1,
-                           end: float = 0.0) -> float:
+def cosine_decay_smoothing(
+    epoch: float, max_epochs: float, start: float = 0.1, end: float = 0.0
+) -> float:
     """ε follows a half cosine from ``start`` at epoch 0 to ``end`` at ``max_epochs``."""
     t = _progress(epoch, max_epochs)
     start, end = _eps("start", start), _eps("end", end)
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def off_switch_smoothing(epoch: float, max_epochs: float, smoothing: float = 0.1,
-                         off_frac: float = 0.5) -> float:
+def off_switch_smoothing(
+    epoch: float, max_epochs: float, smoothing: float = 0.1, off_frac: float = 0.5
+) -> float:
     """ε = ``smoothing`` while ``epoch < off_frac·max_epochs``, then 0 (two-stage smoothing)."""
     t = _progress(epoch, max_epochs)
     smoothing, off_frac = _eps("smoothing", smoothing), _eps("off_frac", off_frac)
@@ -128,11 +132,18 @@ class SmoothingScheduler:
     schedules, the name, total and parameters) for checkpoint resumption.
     """
 
-    def __init__(self, criterion: Any, schedule: str | Callable[..., float] = "warmup", *,
-                 total: float, **kwargs):
+    def __init__(
+        self,
+        criterion: Any,
+        schedule: str | Callable[..., float] = "warmup",
+        *,
+        total: float,
+        **kwargs,
+    ):
         if not hasattr(criterion, "smoothing"):
-            raise TypeError(f"criterion must have a 'smoothing' attribute, got "
-                            f"{type(criterion).__name__}")
+            raise TypeError(
+                f"criterion must have a 'smoothing' attribute, got {type(criterion).__name__}"
+            )
         if isinstance(schedule, str):
             if schedule not in SCHEDULES:
                 raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(SCHEDULES)}")
@@ -165,13 +176,18 @@ class SmoothingScheduler:
         return self.criterion.smoothing
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "total": self.total, "name": self.name,
-                "kwargs": dict(self.kwargs)}
+        return {
+            "last_step": self.last_step,
+            "total": self.total,
+            "name": self.name,
+            "kwargs": dict(self.kwargs),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("name") is not None and state["name"] != self.name:
-            raise ValueError(f"state is for schedule {state['name']!r}, this scheduler runs "
-                             f"{self.name!r}")
+            raise ValueError(
+                f"state is for schedule {state['name']!r}, this scheduler runs {self.name!r}"
+            )
         self.total = _real("total", state["total"])
         self.kwargs = dict(state.get("kwargs", self.kwargs))
         self.last_step = _real("last_step", state["last_step"])
@@ -179,5 +195,7 @@ class SmoothingScheduler:
 
     def __repr__(self) -> str:
         what = self.name or getattr(self.fn, "__name__", "callable")
-        return (f"SmoothingScheduler({what}, total={self.total}, step={self.last_step}, "
-                f"smoothing={self.criterion.smoothing})")
+        return (
+            f"SmoothingScheduler({what}, total={self.total}, step={self.last_step}, "
+            f"smoothing={self.criterion.smoothing})"
+        )

@@ -236,7 +236,14 @@ def _merge_stats_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _special_points(
-    Y_A, Y_B, TERMS, SP_COLS, SP_MASS, row, K, j,
+    Y_A,
+    Y_B,
+    TERMS,
+    SP_COLS,
+    SP_MASS,
+    row,
+    K,
+    j,
 ):
     # (column, mass, valid) of specials j (a vector of indices, any length)
     sp_ok = (j >= 2) & (j - 2 < K)

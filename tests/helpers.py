@@ -24,8 +24,11 @@ LOW = (torch.bfloat16, torch.float16)
 
 def available_cpu_backends() -> list[str]:
     """Backends that can run on CPU tensors in this process (triton only via the interpreter)."""
-    return [b for b, why in fused_ls.available_backends().items()
-            if not why and fused_ls.backends.reasons_for(b, _cpu_req()) == []]
+    return [
+        b
+        for b, why in fused_ls.available_backends().items()
+        if not why and fused_ls.backends.reasons_for(b, _cpu_req()) == []
+    ]
 
 
 def _cpu_req():
@@ -41,29 +44,34 @@ def loss_and_grad(fn, logits, target, **kw):
     return loss.detach(), g
 
 
-def check_backend(backend: str, logits: torch.Tensor, target: torch.Tensor, *,
-                  grad: bool = True, **kw) -> None:
+def check_backend(
+    backend: str, logits: torch.Tensor, target: torch.Tensor, *, grad: bool = True, **kw
+) -> None:
     """Loss and gradient of `backend` on `logits` (any dtype) against the float64 reference."""
     dtype = logits.dtype
-    ours_l, ours_g = loss_and_grad(fused_ls.label_smoothing_cross_entropy, logits, target,
-                                   backend=backend, **kw)
+    ours_l, ours_g = loss_and_grad(
+        fused_ls.label_smoothing_cross_entropy, logits, target, backend=backend, **kw
+    )
     ref_l, ref_g = loss_and_grad(reference.cross_entropy, logits, target, **kw)
     assert ours_l.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert ours_g.dtype == dtype and ours_g.shape == logits.shape
     if dtype in LOW:
         factor, atol = TOL[dtype]
-        pt_l, pt_g = loss_and_grad(reference.cross_entropy, logits, target,
-                                   compute_dtype=dtype, **kw)
+        pt_l, pt_g = loss_and_grad(
+            reference.cross_entropy, logits, target, compute_dtype=dtype, **kw
+        )
         _within(ours_l, ref_l, factor * _err(pt_l, ref_l) + atol, "loss")
         if grad:
             _within(ours_g, ref_g, factor * _err(pt_g, ref_g) + atol * 0.1, "grad")
     else:
         rtol, atol = TOL[dtype]
-        torch.testing.assert_close(ours_l, ref_l.to(ours_l.dtype), rtol=rtol, atol=atol,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            ours_l, ref_l.to(ours_l.dtype), rtol=rtol, atol=atol, equal_nan=True
+        )
         if grad:
-            torch.testing.assert_close(ours_g, ref_g.to(dtype), rtol=rtol, atol=atol,
-                                       equal_nan=True)
+            torch.testing.assert_close(
+                ours_g, ref_g.to(dtype), rtol=rtol, atol=atol, equal_nan=True
+            )
 
 
 def _err(a, b) -> float:

@@ -64,13 +64,15 @@ def test_hand_computed_case_and_bin_edges():
     b = calibration_bins(confidence=conf, prediction=pred, target=target, n_bins=4)
     assert b.count.tolist() == [1, 2, 1, 2]
     assert b.accuracy.tolist() == [1.0, 0.5, 0.0, 1.0]
-    torch.testing.assert_close(b.confidence, torch.tensor([0.25, 0.5, 0.75, 0.95],
-                                                          dtype=torch.float64))
+    torch.testing.assert_close(
+        b.confidence, torch.tensor([0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    )
     # ECE = (1·0.75 + 2·0 + 1·0.75 + 2·0.05) / 6 ; MCE = 0.75
     ece = expected_calibration_error(confidence=conf, prediction=pred, target=target, n_bins=4)
     assert ece == pytest.approx((0.75 + 0.75 + 0.1) / 6, abs=1e-7)
-    assert maximum_calibration_error(confidence=conf, prediction=pred, target=target,
-                                     n_bins=4) == pytest.approx(0.75, abs=1e-7)
+    assert maximum_calibration_error(
+        confidence=conf, prediction=pred, target=target, n_bins=4
+    ) == pytest.approx(0.75, abs=1e-7)
 
 
 def test_perfectly_calibrated_and_overconfident():
@@ -78,8 +80,9 @@ def test_perfectly_calibrated_and_overconfident():
     conf = torch.full((10,), 0.8)
     pred = torch.zeros(10, dtype=torch.long)
     target = torch.tensor([0] * 8 + [1] * 2)
-    assert expected_calibration_error(confidence=conf, prediction=pred, target=target) == \
-        pytest.approx(0.0, abs=1e-7)
+    assert expected_calibration_error(
+        confidence=conf, prediction=pred, target=target
+    ) == pytest.approx(0.0, abs=1e-7)
     # confidence 1 and 50% right: ECE = MCE = 0.5
     conf = torch.ones(10)
     target = torch.tensor([0, 1] * 5)
@@ -95,11 +98,13 @@ def test_stats_path_equals_softmax_path():
     probs = x.double().softmax(1)
     a = expected_calibration_error(probs, target)
     b = expected_calibration_error(stats, target)
-    c = expected_calibration_error(confidence=stats.confidence, prediction=stats.prediction,
-                                   target=target)
+    c = expected_calibration_error(
+        confidence=stats.confidence, prediction=stats.prediction, target=target
+    )
     assert a == pytest.approx(b, abs=1e-6) and b == c
     assert maximum_calibration_error(probs, target) == pytest.approx(
-        maximum_calibration_error(stats, target), abs=1e-5)
+        maximum_calibration_error(stats, target), abs=1e-5
+    )
 
 
 def test_ignore_index_and_class_dim_1():
@@ -114,7 +119,8 @@ def test_ignore_index_and_class_dim_1():
     p3 = probs.reshape(6, 10, 5).transpose(1, 2)  # [6, 5, 10]
     t3 = target.reshape(6, 10)
     assert expected_calibration_error(p3, t3) == pytest.approx(
-        expected_calibration_error(probs, target), abs=1e-12)
+        expected_calibration_error(probs, target), abs=1e-12
+    )
 
 
 def test_empty_input_gives_nan():
@@ -124,18 +130,25 @@ def test_empty_input_gives_nan():
     assert math.isnan(maximum_calibration_error(p, t, ignore_index=-100))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(probs=torch.randn(5, 3)), "in \\[0, 1\\]|sum to 1"),
-    (dict(probs=torch.full((5, 3), 0.2)), "sum to 1"),
-    (dict(probs=torch.full((4, 3), 1 / 3)), "does not match"),
-    (dict(probs=torch.full((5,), 0.2)), "\\[N, C\\]"),
-    (dict(confidence=torch.rand(5)), "confidence= and prediction="),
-    (dict(confidence=torch.rand(5) + 1, prediction=torch.zeros(5, dtype=torch.long)),
-     "confidence must lie"),
-    (dict(confidence=torch.rand(4), prediction=torch.zeros(4, dtype=torch.long)),
-     "target's shape"),
-    (dict(probs=torch.full((5, 3), 1 / 3), confidence=torch.rand(5)), "not both"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(probs=torch.randn(5, 3)), "in \\[0, 1\\]|sum to 1"),
+        (dict(probs=torch.full((5, 3), 0.2)), "sum to 1"),
+        (dict(probs=torch.full((4, 3), 1 / 3)), "does not match"),
+        (dict(probs=torch.full((5,), 0.2)), "\\[N, C\\]"),
+        (dict(confidence=torch.rand(5)), "confidence= and prediction="),
+        (
+            dict(confidence=torch.rand(5) + 1, prediction=torch.zeros(5, dtype=torch.long)),
+            "confidence must lie",
+        ),
+        (
+            dict(confidence=torch.rand(4), prediction=torch.zeros(4, dtype=torch.long)),
+            "target's shape",
+        ),
+        (dict(probs=torch.full((5, 3), 1 / 3), confidence=torch.rand(5)), "not both"),
+    ],
+)
 def test_bad_input_raises_clearly(bad, match):
     target = torch.zeros(5, dtype=torch.long)
     probs = bad.pop("probs", None)
@@ -160,6 +173,7 @@ def test_reliability_diagram_writes_png(tmp_path):
     assert f"ECE {100 * ece:.2f}%" in fig.axes[0].get_title()
     # drawing into given axes
     from matplotlib.figure import Figure
+
     f2 = Figure()
     ax = f2.subplots()
     assert reliability_diagram(logits.softmax(1), target, ax=ax) is f2
@@ -194,8 +208,9 @@ def test_smoothing_table_script(tmp_path, capsys):
             q = torch.full((C,), e / C, dtype=torch.float64)
             q[0] += 1 - e
             # the minimum of the smoothed loss is H(q), reached by logits log q
-            loss = torch.nn.functional.cross_entropy(q.log()[None], torch.tensor([0]),
-                                                     label_smoothing=e)
+            loss = torch.nn.functional.cross_entropy(
+                q.log()[None], torch.tensor([0]), label_smoothing=e
+            )
             assert r["entropy"] == pytest.approx(float(loss), abs=1e-9)
     out = capsys.readouterr().out
     assert "| 0.10 | 0.9125 | 0.0125 |" in out
@@ -205,8 +220,20 @@ def test_smoothing_table_script(tmp_path, capsys):
 def test_calibration_experiment_tiny_budget(tmp_path, capsys):
     mod = _load_example("calibration_experiment")
     threads = torch.get_num_threads()
-    results = mod.main(["--seeds", "1", "--epochs", "2", "--noise", "0.2", "--out",
-                        str(tmp_path), "--threads", str(threads)])
+    results = mod.main(
+        [
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+            "--noise",
+            "0.2",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            str(threads),
+        ]
+    )
     assert set(results) == set(mod.METHODS)
     for m, r in results.items():
         # 2 epochs already reach ~80% on digits; far less means the loss does not train

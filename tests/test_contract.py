@@ -41,30 +41,44 @@ if DEV.type == "cuda":
 MODES = {
     "uniform": lambda C, N, g: {},
     "weight": lambda C, N, g: {"weight": torch.rand(C, generator=g) + 0.2},
-    "dense_sim": lambda C, N, g: {"similarity": torch.rand(C, C, generator=g),
-                                  "similarity_mix": 0.7},
-    "dense_sim_weight": lambda C, N, g: {"similarity": torch.rand(C, C, generator=g),
-                                         "weight": torch.rand(C, generator=g) + 0.2},
+    "dense_sim": lambda C, N, g: {
+        "similarity": torch.rand(C, C, generator=g),
+        "similarity_mix": 0.7,
+    },
+    "dense_sim_weight": lambda C, N, g: {
+        "similarity": torch.rand(C, C, generator=g),
+        "weight": torch.rand(C, generator=g) + 0.2,
+    },
     "sparse_sim": lambda C, N, g: {
         "similarity": SparseSimilarity.from_dense(torch.rand(C, C, generator=g), min(3, C)),
-        "similarity_mix": 0.5},
+        "similarity_mix": 0.5,
+    },
     "per_sample_eps": lambda C, N, g: {"smoothing": torch.rand(N, generator=g)},
     "adaptive_max": lambda C, N, g: {"adaptive": ConfidenceAdaptive(0.5, 3.0, "max")},
     "adaptive_target": lambda C, N, g: {"adaptive": ConfidenceAdaptive(0.3, 2.0, "target")},
     "z_loss": lambda C, N, g: {"z_loss": 1e-2},
     "softcap": lambda C, N, g: {"softcap": 2.5},
     "confidence_penalty": lambda C, N, g: {"confidence_penalty": 0.3},
-    "mixup": lambda C, N, g: {"mix_target": torch.randint(0, C, (N,), generator=g),
-                              "mix_lambda": 0.3},
+    "mixup": lambda C, N, g: {
+        "mix_target": torch.randint(0, C, (N,), generator=g),
+        "mix_lambda": 0.3,
+    },
     "mixup_rows_sim": lambda C, N, g: {
         "mix_target": torch.randint(0, C, (N,), generator=g),
-        "mix_lambda": torch.rand(N, generator=g), "similarity": torch.rand(C, C, generator=g)},
+        "mix_lambda": torch.rand(N, generator=g),
+        "similarity": torch.rand(C, C, generator=g),
+    },
     "everything": lambda C, N, g: {
         "weight": torch.rand(C, generator=g) + 0.2,
         "similarity": SparseSimilarity.from_dense(torch.rand(C, C, generator=g), min(4, C)),
-        "similarity_mix": 0.6, "adaptive": ConfidenceAdaptive(0.6, 1.5),
-        "z_loss": 1e-3, "softcap": 4.0, "confidence_penalty": 0.1,
-        "mix_target": torch.randint(0, C, (N,), generator=g), "mix_lambda": 0.8},
+        "similarity_mix": 0.6,
+        "adaptive": ConfidenceAdaptive(0.6, 1.5),
+        "z_loss": 1e-3,
+        "softcap": 4.0,
+        "confidence_penalty": 0.1,
+        "mix_target": torch.randint(0, C, (N,), generator=g),
+        "mix_lambda": 0.8,
+    },
 }
 
 
@@ -97,8 +111,9 @@ def test_uniform_equals_pytorch(backend, dtype, reduction, weighted):
     x, y, g = _problem(67, 101, torch.float64)
     w = (torch.rand(101, generator=g, dtype=torch.float64) + 0.1).to(DEV) if weighted else None
     xd = x.to(dtype)
-    a = fused_ls.label_smoothing_cross_entropy(xd, y, 0.1, weight=w, reduction=reduction,
-                                               backend=backend)
+    a = fused_ls.label_smoothing_cross_entropy(
+        xd, y, 0.1, weight=w, reduction=reduction, backend=backend
+    )
     b = F.cross_entropy(x, y, weight=w, reduction=reduction, label_smoothing=0.1)
     tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype)
     if tol is None:  # low precision: compare with PyTorch on the same rounded input
@@ -142,7 +157,8 @@ def test_layouts(backend, layout):
         check_backend(backend, x, y, reduction=red, weight=torch.rand(11, generator=g).to(DEV))
         torch.testing.assert_close(
             fused_ls.label_smoothing_cross_entropy(x, y, 0.1, reduction=red, backend=backend),
-            F.cross_entropy(x, y, reduction=red, label_smoothing=0.1))
+            F.cross_entropy(x, y, reduction=red, label_smoothing=0.1),
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,20 +178,24 @@ def test_gradcheck_float64(backend, mode):
         pytest.skip("float64 gradcheck runs on CPU")
     x, y, g = _problem(6, 7, torch.float64, seed=7)
     kw = MODES[mode](7, 6, g)
-    kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-          for k, v in kw.items()}
+    kw = {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in kw.items()
+    }
     eps = kw.pop("smoothing", 0.2)
     xr = x.clone().requires_grad_(True)
     torch.autograd.gradcheck(
-        lambda t: fused_ls.label_smoothing_cross_entropy(t, y, eps, backend=backend, **kw), (xr,))
+        lambda t: fused_ls.label_smoothing_cross_entropy(t, y, eps, backend=backend, **kw), (xr,)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_return_stats(backend):
     x, y, _ = _problem(13, 17, torch.float32)
     x3 = x.reshape(13, 17, 1)
-    loss, st = fused_ls.label_smoothing_cross_entropy(x3, y[:, None], 0.1, return_stats=True,
-                                                      backend=backend)
+    loss, st = fused_ls.label_smoothing_cross_entropy(
+        x3, y[:, None], 0.1, return_stats=True, backend=backend
+    )
     assert st.lse.shape == st.confidence.shape == st.prediction.shape == (13, 1)
     torch.testing.assert_close(st.lse[:, 0], torch.logsumexp(x, 1))
     torch.testing.assert_close(st.confidence[:, 0], torch.softmax(x, 1).max(1).values)
@@ -193,8 +213,9 @@ def test_inplace_backward(backend, dtype, mode):
     leaf = x.clone().requires_grad_(True)
     h = leaf * 1  # the logits of a real model are an intermediate (matmul output)
     storage = h.data_ptr()
-    loss = fused_ls.label_smoothing_cross_entropy(h, y, inplace_backward=True, backend=backend,
-                                                  **kw)
+    loss = fused_ls.label_smoothing_cross_entropy(
+        h, y, inplace_backward=True, backend=backend, **kw
+    )
     seen = {}
 
     def hook(grad):
@@ -209,8 +230,9 @@ def test_inplace_backward(backend, dtype, mode):
 
 def _loss_grad(x, y, backend, kw, inplace):
     xr = x.clone().requires_grad_(True)
-    loss = fused_ls.label_smoothing_cross_entropy(xr * 1, y, inplace_backward=inplace,
-                                                  backend=backend, **kw)
+    loss = fused_ls.label_smoothing_cross_entropy(
+        xr * 1, y, inplace_backward=inplace, backend=backend, **kw
+    )
     loss.backward()
     return loss.detach(), xr.grad
 
@@ -243,8 +265,9 @@ def test_deterministic(backend):
 def test_empty_and_all_ignored(backend, reduction):
     lsce = fused_ls.label_smoothing_cross_entropy
     x = torch.randn(0, 5, device=DEV, requires_grad=True)
-    out = lsce(x, torch.zeros(0, dtype=torch.long, device=DEV), reduction=reduction,
-               backend=backend)
+    out = lsce(
+        x, torch.zeros(0, dtype=torch.long, device=DEV), reduction=reduction, backend=backend
+    )
     if reduction == "none":
         assert out.shape == (0,)
     elif reduction == "sum":
@@ -297,8 +320,9 @@ def test_module_matches_function(backend):
     crit = fused_ls.FusedLabelSmoothingCE(0.2, weight=w, backend=backend)
     torch.testing.assert_close(crit(x, y), F.cross_entropy(x, y, weight=w, label_smoothing=0.2))
     eps = torch.rand(9, generator=g).to(DEV)
-    torch.testing.assert_close(crit(x, y, smoothing=eps),
-                               reference.cross_entropy(x, y, eps, weight=w).float())
+    torch.testing.assert_close(
+        crit(x, y, smoothing=eps), reference.cross_entropy(x, y, eps, weight=w).float()
+    )
     crit.smoothing = 0.0
     torch.testing.assert_close(crit(x, y), F.cross_entropy(x, y, weight=w))
 

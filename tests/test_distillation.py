@@ -22,8 +22,12 @@ def plain(s, t, y, eps, T, alpha, ignore_index=-100, reduction="mean"):
     y1 = y.reshape(-1)
     v = y1 != ignore_index
     ce = F.cross_entropy(s2[v], y1[v], label_smoothing=eps, reduction="none")
-    kl = F.kl_div(torch.log_softmax(s2[v] / T, 1), torch.log_softmax(t2[v] / T, 1),
-                  log_target=True, reduction="none").sum(1)
+    kl = F.kl_div(
+        torch.log_softmax(s2[v] / T, 1),
+        torch.log_softmax(t2[v] / T, 1),
+        log_target=True,
+        reduction="none",
+    ).sum(1)
     rows_v = alpha * ce + (1 - alpha) * T * T * kl
     rows = torch.zeros(y1.shape, dtype=torch.float64).masked_scatter(v, rows_v)
     if reduction == "none":
@@ -53,13 +57,19 @@ def loss_grads(fn, s, t):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("T, alpha, eps", [(2.0, 0.5, 0.1), (1.0, 0.0, 0.0), (4.0, 1.0, 0.2),
-                                           (0.5, 0.3, 0.05)])
+@pytest.mark.parametrize(
+    "T, alpha, eps", [(2.0, 0.5, 0.1), (1.0, 0.0, 0.0), (4.0, 1.0, 0.2), (0.5, 0.3, 0.05)]
+)
 @pytest.mark.parametrize("chunk", [None, 1, 5])
 def test_matches_plain_pytorch(reduction, T, alpha, eps, chunk):
     s, t, y = make(ignore=(2, 7))
-    ours = loss_grads(lambda a, b: distillation_loss(a, b, y, eps, T, alpha, reduction=reduction,
-                                                     chunk_size=chunk), s, t)
+    ours = loss_grads(
+        lambda a, b: distillation_loss(
+            a, b, y, eps, T, alpha, reduction=reduction, chunk_size=chunk
+        ),
+        s,
+        t,
+    )
     ref = loss_grads(lambda a, b: plain(a, b, y, eps, T, alpha, reduction=reduction), s, t)
     for o, r in zip(ours, ref, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
@@ -101,9 +111,11 @@ def test_gradcheck_float64():
     s.requires_grad_(True)
     t.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: distillation_loss(a, b, y, 0.1, 1.7, 0.4, chunk_size=4), (s, t))
+        lambda a, b: distillation_loss(a, b, y, 0.1, 1.7, 0.4, chunk_size=4), (s, t)
+    )
     assert torch.autograd.gradcheck(
-        lambda a, b: kl_divergence_rows(a, b, 3.0, chunk_size=2), (s, t))
+        lambda a, b: kl_divergence_rows(a, b, 3.0, chunk_size=2), (s, t)
+    )
 
 
 def test_masked_teacher_classes_and_parts():
@@ -156,13 +168,16 @@ def test_backward_keeps_no_n_by_c_buffer():
     assert s.grad.shape == (N, C)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(temperature=float("inf")), ValueError, "temperature"),
-    (dict(alpha=1.5), ValueError, "alpha"),
-    (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     s, t, y = make(N=4, C=3)
     with pytest.raises(exc, match=match):

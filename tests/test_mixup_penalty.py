@@ -80,8 +80,12 @@ def test_mixup_equals_soft_target_ce(backend, dtype, reduction, lam_kind):
     lam = 0.3 if lam_kind == "scalar" else lam_t
     lam64 = lam_t.double()[:, None] if lam_kind == "tensor" else lam
     q = lam64 * smoothed_onehot(ya, C, eps) + (1 - lam64) * smoothed_onehot(yb, C, eps)
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, ya, eps, mix_target=yb, mix_lambda=lam, reduction=reduction, backend=backend), x)
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z, ya, eps, mix_target=yb, mix_lambda=lam, reduction=reduction, backend=backend
+        ),
+        x,
+    )
     ref_l, ref_g = grad_of(lambda z: F.cross_entropy(z.double(), q, reduction=reduction), x)
     assert_close(ours_l, ref_l, dtype)
     assert_close(ours_g, ref_g, dtype)
@@ -92,13 +96,20 @@ def test_mixup_is_the_lambda_mix_of_two_pytorch_losses(backend):
     """Classic mixup: λ·CE(y_a) + (1 − λ)·CE(y_b), with PyTorch's own label_smoothing."""
     dt = best_dtype(backend)
     x, ya, yb, lam = data(N=32, C=11, dtype=dt, seed=3)
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, ya, 0.1, mix_target=yb, mix_lambda=lam, reduction="none", backend=backend), x)
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z, ya, 0.1, mix_target=yb, mix_lambda=lam, reduction="none", backend=backend
+        ),
+        x,
+    )
     lam64 = lam.double()
-    ref_l, ref_g = grad_of(lambda z: lam64 * F.cross_entropy(z.double(), ya, label_smoothing=0.1,
-                                                             reduction="none")
-                           + (1 - lam64) * F.cross_entropy(z.double(), yb, label_smoothing=0.1,
-                                                           reduction="none"), x)
+    ref_l, ref_g = grad_of(
+        lambda z: (
+            lam64 * F.cross_entropy(z.double(), ya, label_smoothing=0.1, reduction="none")
+            + (1 - lam64) * F.cross_entropy(z.double(), yb, label_smoothing=0.1, reduction="none")
+        ),
+        x,
+    )
     assert_close(ours_l, ref_l, dt)
     assert_close(ours_g, ref_g, dt)
 
@@ -109,8 +120,9 @@ def test_mixup_with_class_weights(backend, reduction):
     """Weighted mixup = λ·CE_w(y_a) + (1 − λ)·CE_w(y_b); "mean" divides by Σ (λ w_a + (1−λ) w_b)."""
     dt = best_dtype(backend)
     x, ya, yb, lam = data(N=20, C=6, dtype=dt, seed=4)
-    w = (torch.rand(6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-         + 0.2).to(dt)
+    w = (torch.rand(6, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.2).to(
+        dt
+    )
 
     def ref(z):
         z, w, lam = z.double(), w_.double(), lam_.double()
@@ -124,9 +136,19 @@ def test_mixup_with_class_weights(backend, reduction):
         return rows.sum() / (lam * w[ya] + (1 - lam) * w[yb]).sum()
 
     w_, lam_ = w, lam
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, ya, 0.2, weight=w, mix_target=yb, mix_lambda=lam, reduction=reduction,
-        backend=backend), x)
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z,
+            ya,
+            0.2,
+            weight=w,
+            mix_target=yb,
+            mix_lambda=lam,
+            reduction=reduction,
+            backend=backend,
+        ),
+        x,
+    )
     ref_l, ref_g = grad_of(ref, x)
     assert_close(ours_l, ref_l, dt)
     assert_close(ours_g, ref_g, dt)
@@ -149,11 +171,23 @@ def test_mixup_with_similarity(backend, beta, sparse):
     else:
         sim = S
     eps = 0.25
-    q = lam[:, None] * smoothed_onehot(ya, 8, eps, S, beta) \
-        + (1 - lam[:, None]) * smoothed_onehot(yb, 8, eps, S, beta)
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, ya, eps, similarity=sim, similarity_mix=beta, mix_target=yb, mix_lambda=lam,
-        reduction="sum", backend=backend), x)
+    q = lam[:, None] * smoothed_onehot(ya, 8, eps, S, beta) + (1 - lam[:, None]) * smoothed_onehot(
+        yb, 8, eps, S, beta
+    )
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z,
+            ya,
+            eps,
+            similarity=sim,
+            similarity_mix=beta,
+            mix_target=yb,
+            mix_lambda=lam,
+            reduction="sum",
+            backend=backend,
+        ),
+        x,
+    )
     ref_l, ref_g = grad_of(lambda z: F.cross_entropy(z.double(), q, reduction="sum"), x)
     assert_close(ours_l, ref_l, dt)
     assert_close(ours_g, ref_g, dt)
@@ -171,16 +205,22 @@ def test_mixup_ignored_rows(backend, reduction):
     yb = yb.clone()
     yb[4] = 99  # mix_target of an ignored row is never looked at
     v = ya != -100
-    q = lam[v, None] * smoothed_onehot(ya[v], 5, 0.1) \
-        + (1 - lam[v, None]) * smoothed_onehot(yb[v], 5, 0.1)
+    q = lam[v, None] * smoothed_onehot(ya[v], 5, 0.1) + (1 - lam[v, None]) * smoothed_onehot(
+        yb[v], 5, 0.1
+    )
 
     def ref(z):
         rows = torch.zeros(15, dtype=torch.float64).masked_scatter(
-            v, F.cross_entropy(z.double()[v], q, reduction="none"))
+            v, F.cross_entropy(z.double()[v], q, reduction="none")
+        )
         return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / v.sum()}[reduction]
 
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, ya, 0.1, mix_target=yb, mix_lambda=lam, reduction=reduction, backend=backend), x)
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z, ya, 0.1, mix_target=yb, mix_lambda=lam, reduction=reduction, backend=backend
+        ),
+        x,
+    )
     ref_l, ref_g = grad_of(ref, x)
     assert_close(ours_l, ref_l, dt)
     assert_close(ours_g, ref_g, dt)
@@ -191,8 +231,9 @@ def test_mixup_through_the_module():
     x, ya, yb, lam = data(N=9, C=4, dtype=torch.float64, seed=8)
     crit = fused_ls.FusedLabelSmoothingCE(smoothing=0.1)
     q = 0.6 * smoothed_onehot(ya, 4, 0.1) + 0.4 * smoothed_onehot(yb, 4, 0.1)
-    torch.testing.assert_close(crit(x, ya, mix_target=yb, mix_lambda=0.6),
-                               F.cross_entropy(x, q), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        crit(x, ya, mix_target=yb, mix_lambda=0.6), F.cross_entropy(x, q), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
@@ -229,8 +270,12 @@ def test_confidence_penalty_is_ce_minus_beta_entropy(backend, dtype, reduction, 
         rows = F.cross_entropy(z, y, label_smoothing=eps, reduction="none") - beta * entropy(z)
         return {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
 
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, y, eps, confidence_penalty=beta, reduction=reduction, backend=backend), x)
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z, y, eps, confidence_penalty=beta, reduction=reduction, backend=backend
+        ),
+        x,
+    )
     ref_l, ref_g = grad_of(ref, x)
     assert_close(ours_l, ref_l, dtype)
     assert_close(ours_g, ref_g, dtype)
@@ -243,8 +288,9 @@ def test_confidence_penalty_weights_and_ignored_rows(backend, reduction):
     x, y, _, _ = data(N=18, C=6, dtype=dt, seed=11)
     y = y.clone()
     y[[1, 2, 17]] = -1
-    w = (torch.rand(6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-         + 0.5).to(dt)
+    w = (torch.rand(6, generator=torch.Generator().manual_seed(11), dtype=torch.float64) + 0.5).to(
+        dt
+    )
     w64 = w.double()
     v = y != -1
     beta = 0.7
@@ -252,14 +298,25 @@ def test_confidence_penalty_weights_and_ignored_rows(backend, reduction):
     def ref(z):
         z = z.double()
         rows = torch.zeros(18, dtype=torch.float64).masked_scatter(
-            v, F.cross_entropy(z[v], y[v], weight=w64, label_smoothing=0.1, reduction="none")
-            - beta * w64[y[v]] * entropy(z[v]))
-        return {"none": rows, "sum": rows.sum(),
-                "mean": rows.sum() / w64[y[v]].sum()}[reduction]
+            v,
+            F.cross_entropy(z[v], y[v], weight=w64, label_smoothing=0.1, reduction="none")
+            - beta * w64[y[v]] * entropy(z[v]),
+        )
+        return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / w64[y[v]].sum()}[reduction]
 
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, y, 0.1, weight=w, ignore_index=-1, confidence_penalty=beta, reduction=reduction,
-        backend=backend), x)
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z,
+            y,
+            0.1,
+            weight=w,
+            ignore_index=-1,
+            confidence_penalty=beta,
+            reduction=reduction,
+            backend=backend,
+        ),
+        x,
+    )
     ref_l, ref_g = grad_of(ref, x)
     assert_close(ours_l, ref_l, dt)
     assert_close(ours_g, ref_g, dt)
@@ -272,13 +329,25 @@ def test_confidence_penalty_with_mixup(backend):
     dt = best_dtype(backend)
     x, ya, yb, lam = data(N=12, C=5, dtype=dt, seed=12)
     lam = lam.double()
-    q = lam[:, None] * smoothed_onehot(ya, 5, 0.1) \
-        + (1 - lam[:, None]) * smoothed_onehot(yb, 5, 0.1)
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, ya, 0.1, confidence_penalty=0.5, mix_target=yb, mix_lambda=lam, reduction="none",
-        backend=backend), x)
-    ref_l, ref_g = grad_of(lambda z: F.cross_entropy(z.double(), q, reduction="none")
-                           - 0.5 * entropy(z.double()), x)
+    q = lam[:, None] * smoothed_onehot(ya, 5, 0.1) + (1 - lam[:, None]) * smoothed_onehot(
+        yb, 5, 0.1
+    )
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z,
+            ya,
+            0.1,
+            confidence_penalty=0.5,
+            mix_target=yb,
+            mix_lambda=lam,
+            reduction="none",
+            backend=backend,
+        ),
+        x,
+    )
+    ref_l, ref_g = grad_of(
+        lambda z: F.cross_entropy(z.double(), q, reduction="none") - 0.5 * entropy(z.double()), x
+    )
     assert_close(ours_l, ref_l, dt)
     assert_close(ours_g, ref_g, dt)
 
@@ -286,11 +355,15 @@ def test_confidence_penalty_with_mixup(backend):
 def _penalty_vs_plain(backend, x, y, beta=0.2):
     dt = best_dtype(backend)
     x = x.to(dt)
-    ours_l, ours_g = grad_of(lambda z: fused_ls.label_smoothing_cross_entropy(
-        z, y, 0.0, confidence_penalty=beta, reduction="none", backend=backend), x)
+    ours_l, ours_g = grad_of(
+        lambda z: fused_ls.label_smoothing_cross_entropy(
+            z, y, 0.0, confidence_penalty=beta, reduction="none", backend=backend
+        ),
+        x,
+    )
     ref_l, ref_g = grad_of(
-        lambda z: F.cross_entropy(z.double(), y, reduction="none") - beta * entropy(z.double()),
-        x)
+        lambda z: F.cross_entropy(z.double(), y, reduction="none") - beta * entropy(z.double()), x
+    )
     assert torch.isfinite(ours_l).all()
     assert_close(ours_l, ref_l, dt)
     assert torch.isfinite(ours_g).all(), ours_g

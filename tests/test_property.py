@@ -31,12 +31,14 @@ def problems(draw):
         kw["similarity"] = torch.rand(C, C, generator=g, dtype=torch.float64)
     elif sim == "sparse":
         kw["similarity"] = SparseSimilarity.from_dense(
-            torch.rand(C, C, generator=g, dtype=torch.float64), draw(st.integers(1, C)))
+            torch.rand(C, C, generator=g, dtype=torch.float64), draw(st.integers(1, C))
+        )
     if sim:
         kw["similarity_mix"] = draw(st.floats(0, 1))
     if draw(st.booleans()):
-        kw["adaptive"] = ConfidenceAdaptive(draw(st.floats(0, 1)), draw(st.floats(0, 4)),
-                                            draw(st.sampled_from(["max", "target"])))
+        kw["adaptive"] = ConfidenceAdaptive(
+            draw(st.floats(0, 1)), draw(st.floats(0, 4)), draw(st.sampled_from(["max", "target"]))
+        )
     if draw(st.booleans()):
         kw["z_loss"] = draw(st.floats(0, 0.1))
     if draw(st.booleans()):
@@ -45,8 +47,9 @@ def problems(draw):
         kw["confidence_penalty"] = draw(st.floats(-0.5, 0.5))
     if draw(st.booleans()):
         kw["mix_target"] = torch.randint(0, C, (N,), generator=g)
-        kw["mix_lambda"] = draw(st.one_of(st.floats(0, 1),
-                                          st.just(torch.rand(N, generator=g, dtype=torch.float64))))
+        kw["mix_lambda"] = draw(
+            st.one_of(st.floats(0, 1), st.just(torch.rand(N, generator=g, dtype=torch.float64)))
+        )
     dtype = draw(st.sampled_from([torch.float64, torch.float32]))
     return x.to(dtype), y, kw
 

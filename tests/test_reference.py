@@ -27,8 +27,10 @@ def test_reference_nd_layout_matches_pytorch():
     x = torch.randn(3, 7, 4, 5, dtype=torch.float64, generator=g)
     y = torch.randint(0, 7, (3, 4, 5), generator=g)
     for red in ("none", "mean"):
-        torch.testing.assert_close(reference.cross_entropy(x, y, 0.2, reduction=red),
-                                   F.cross_entropy(x, y, reduction=red, label_smoothing=0.2))
+        torch.testing.assert_close(
+            reference.cross_entropy(x, y, 0.2, reduction=red),
+            F.cross_entropy(x, y, reduction=red, label_smoothing=0.2),
+        )
 
 
 def test_label_smoothing_helper():
@@ -38,8 +40,9 @@ def test_label_smoothing_helper():
     assert q[1, 3] == pytest.approx(0.8 + 0.05) and q[1, 0] == pytest.approx(0.05)
     S = torch.rand(4, 4, dtype=torch.float64)
     for sim in (S, SparseSimilarity.from_dense(S, 2)):
-        q = reference.label_smoothing(y, 4, torch.tensor([0.1, 0.5, 1.0]), similarity=sim,
-                                      similarity_mix=0.6)
+        q = reference.label_smoothing(
+            y, 4, torch.tensor([0.1, 0.5, 1.0]), similarity=sim, similarity_mix=0.6
+        )
         torch.testing.assert_close(q.sum(1), torch.ones(3, dtype=torch.float64))
     # a sparse similarity equals the dense matrix with the same non-zeros
     idx = torch.tensor([[1, -1], [0, 2], [3, 1], [2, 0]])
@@ -51,13 +54,21 @@ def test_label_smoothing_helper():
                 dense[c, idx[c, k]] += val[c, k]
     torch.testing.assert_close(
         reference.label_smoothing(y, 4, 0.3, similarity=SparseSimilarity(idx, val)),
-        reference.label_smoothing(y, 4, 0.3, similarity=dense))
+        reference.label_smoothing(y, 4, 0.3, similarity=dense),
+    )
 
 
-@pytest.mark.parametrize("mode", [
-    {}, {"similarity": "dense", "similarity_mix": 0.5}, {"z_loss": 0.1, "softcap": 2.0},
-    {"confidence_penalty": 0.2}, {"adaptive": ConfidenceAdaptive(0.9, 3.0)}, {"mix": True},
-])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {},
+        {"similarity": "dense", "similarity_mix": 0.5},
+        {"z_loss": 0.1, "softcap": 2.0},
+        {"confidence_penalty": 0.2},
+        {"adaptive": ConfidenceAdaptive(0.9, 3.0)},
+        {"mix": True},
+    ],
+)
 def test_reference_gradcheck(mode):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)

@@ -13,8 +13,29 @@ from fused_ls import reference
 
 def _forward_args(x, y, backend, weight=None, sim=None, inplace=False):
     # positional arguments of fused_ls::forward, in schema order
-    return (x, y, weight, None, sim, None, None, None, None, 0.1, 0.5, -100, 0.0, 1.0, 0,
-            1e-3, 0.0, 0.1, 1.0, backend, inplace)
+    return (
+        x,
+        y,
+        weight,
+        None,
+        sim,
+        None,
+        None,
+        None,
+        None,
+        0.1,
+        0.5,
+        -100,
+        0.0,
+        1.0,
+        0,
+        1e-3,
+        0.0,
+        0.1,
+        1.0,
+        backend,
+        inplace,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -24,8 +45,9 @@ def test_opcheck_forward(backend, with_sim):
     x.requires_grad_(True)
     sim = torch.rand(9, 9, generator=g).to(DEV) if with_sim else None
     w = torch.rand(9, generator=g).to(DEV)
-    torch.library.opcheck(torch.ops.fused_ls.forward.default,
-                          _forward_args(x, y, backend, weight=w, sim=sim))
+    torch.library.opcheck(
+        torch.ops.fused_ls.forward.default, _forward_args(x, y, backend, weight=w, sim=sim)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -36,8 +58,24 @@ def test_opcheck_backward(backend):
     out = torch.empty_like(x)
     torch.library.opcheck(
         torch.ops.fused_ls.backward.default,
-        (torch.ones(6, device=DEV), x, out, y, None, None, None, lse, pz, coefs, cols, mass, 0.5,
-         0.0, backend))
+        (
+            torch.ones(6, device=DEV),
+            x,
+            out,
+            y,
+            None,
+            None,
+            None,
+            lse,
+            pz,
+            coefs,
+            cols,
+            mass,
+            0.5,
+            0.0,
+            backend,
+        ),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -45,6 +83,7 @@ def test_opcheck_backward(backend):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compile_fullgraph(backend, mode, dynamic):
     torch._dynamo.reset()
+
     def step(logits, target, kw):
         return fused_ls.label_smoothing_cross_entropy(logits * 2, target, backend=backend, **kw)
 

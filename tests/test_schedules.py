@@ -42,19 +42,23 @@ def test_decay_and_off_switch_values():
     for e in range(10):
         t = e / 10
         assert cosine_decay_smoothing(e, 10, 0.2, 0.0) == pytest.approx(
-            0.1 * (1 + math.cos(math.pi * t)))
+            0.1 * (1 + math.cos(math.pi * t))
+        )
     assert [off_switch_smoothing(e, 10, 0.1, 0.5) for e in range(10)] == [0.1] * 5 + [0.0] * 5
     assert constant_smoothing(3, 10, 0.25) == 0.25
 
 
-@pytest.mark.parametrize("call", [
-    lambda: warmup_smoothing(-1, 10),
-    lambda: warmup_smoothing(1, 0),
-    lambda: warmup_smoothing(1, 10, start=1.5),
-    lambda: warmup_smoothing(1, 10, warmup_frac=-0.1),
-    lambda: off_switch_smoothing(1, 10, off_frac=2),
-    lambda: linear_decay_smoothing(float("nan"), 10),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: warmup_smoothing(-1, 10),
+        lambda: warmup_smoothing(1, 0),
+        lambda: warmup_smoothing(1, 10, start=1.5),
+        lambda: warmup_smoothing(1, 10, warmup_frac=-0.1),
+        lambda: off_switch_smoothing(1, 10, off_frac=2),
+        lambda: linear_decay_smoothing(float("nan"), 10),
+    ],
+)
 def test_bad_arguments_raise(call):
     with pytest.raises(ValueError):
         call()

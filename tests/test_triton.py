@@ -104,10 +104,16 @@ MODES = {
     "weight_ignore": lambda n, c: {"weight": _w(c), "ignore_index": 1},
     "sum": lambda n, c: {"reduction": "sum", "weight": _w(c)},
     "none": lambda n, c: {"reduction": "none"},
-    "dense_similarity": lambda n, c: {"similarity": _sim(c), "similarity_mix": 0.6,
-                                      "weight": _w(c)},
-    "sparse_similarity": lambda n, c: {"similarity": sparse_sim(c, k=min(3, c)),
-                                       "similarity_mix": 0.7, "weight": _w(c)},
+    "dense_similarity": lambda n, c: {
+        "similarity": _sim(c),
+        "similarity_mix": 0.6,
+        "weight": _w(c),
+    },
+    "sparse_similarity": lambda n, c: {
+        "similarity": sparse_sim(c, k=min(3, c)),
+        "similarity_mix": 0.7,
+        "weight": _w(c),
+    },
     "per_sample_eps": lambda n, c: {"smoothing": rand(n, seed=7) * 0.5},
     "adaptive_max": lambda n, c: {"adaptive": ConfidenceAdaptive(0.5, 3.0, "max")},
     "adaptive_target": lambda n, c: {"adaptive": ConfidenceAdaptive(0.3, 2.0, "target")},
@@ -115,15 +121,29 @@ MODES = {
     "confidence_penalty": lambda n, c: {"confidence_penalty": 0.3},
     "softcap": lambda n, c: {"softcap": 4.0},
     "mixup": lambda n, c: {"mix_target": make(n, c, seed=9)[1], "mix_lambda": 0.3},
-    "mixup_rows_dense": lambda n, c: {"mix_target": make(n, c, seed=9)[1],
-                                      "mix_lambda": rand(n, seed=8), "similarity": _sim(c),
-                                      "similarity_mix": 0.5},
-    "mixup_sparse": lambda n, c: {"mix_target": make(n, c, seed=9)[1], "mix_lambda": 0.6,
-                                  "similarity": sparse_sim(c, k=min(2, c))},
-    "everything": lambda n, c: {"weight": _w(c), "similarity": _sim(c), "similarity_mix": 0.4,
-                                "mix_target": make(n, c, seed=9)[1], "mix_lambda": 0.7,
-                                "z_loss": 1e-3, "confidence_penalty": 0.2, "softcap": 5.0,
-                                "adaptive": ConfidenceAdaptive(0.6, 1.5), "ignore_index": 0},
+    "mixup_rows_dense": lambda n, c: {
+        "mix_target": make(n, c, seed=9)[1],
+        "mix_lambda": rand(n, seed=8),
+        "similarity": _sim(c),
+        "similarity_mix": 0.5,
+    },
+    "mixup_sparse": lambda n, c: {
+        "mix_target": make(n, c, seed=9)[1],
+        "mix_lambda": 0.6,
+        "similarity": sparse_sim(c, k=min(2, c)),
+    },
+    "everything": lambda n, c: {
+        "weight": _w(c),
+        "similarity": _sim(c),
+        "similarity_mix": 0.4,
+        "mix_target": make(n, c, seed=9)[1],
+        "mix_lambda": 0.7,
+        "z_loss": 1e-3,
+        "confidence_penalty": 0.2,
+        "softcap": 5.0,
+        "adaptive": ConfidenceAdaptive(0.6, 1.5),
+        "ignore_index": 0,
+    },
 }
 
 
@@ -135,16 +155,17 @@ def test_modes_fp32(mode):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:-1], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("mode", ["uniform", "sparse_similarity", "mixup_rows_dense",
-                                  "everything"])
+@pytest.mark.parametrize("mode", ["uniform", "sparse_similarity", "mixup_rows_dense", "everything"])
 def test_small_shapes(mode, shape):
     x, y = make(*shape)
     check_backend("triton", x, y, **MODES[mode](*shape))
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("mode", ["uniform", "weight_ignore", "dense_similarity",
-                                  "sparse_similarity", "softcap", "everything"])
+@pytest.mark.parametrize(
+    "mode",
+    ["uniform", "weight_ignore", "dense_similarity", "sparse_similarity", "softcap", "everything"],
+)
 def test_modes_low_precision(mode, dtype):
     n, c = SHAPES[-1]
     x, y = make(n, c, dtype)
@@ -152,8 +173,7 @@ def test_modes_low_precision(mode, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["uniform", "sparse_similarity", "mixup_rows_dense",
-                                  "everything"])
+@pytest.mark.parametrize("mode", ["uniform", "sparse_similarity", "mixup_rows_dense", "everything"])
 def test_split_rows(split_rows, mode, dtype):
     n, c = SPLIT_SHAPE
     cols, splits, block, _ = launch_config(c)
@@ -177,9 +197,11 @@ def test_ignored_rows(request, split):
     check_backend("triton", x, y, reduction="sum")
 
 
-@pytest.mark.parametrize(("dtype", "split"), [(torch.float32, False), (torch.float32, True),
-                                              (torch.bfloat16, True), (torch.float16, False)],
-                         ids=["fp32-whole", "fp32-split", "bf16-split", "fp16-whole"])
+@pytest.mark.parametrize(
+    ("dtype", "split"),
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True), (torch.float16, False)],
+    ids=["fp32-whole", "fp32-split", "bf16-split", "fp16-whole"],
+)
 def test_minus_inf_logits(request, split, dtype):
     """Masked vocabulary: −inf logits with zero smoothing mass give finite loss and gradient;
     with uniform mass the loss is +inf, as in PyTorch."""
@@ -194,8 +216,9 @@ def test_minus_inf_logits(request, split, dtype):
     y = torch.where(masked[y], 41, y)
     w = torch.where(masked, 0.0, 1.0 + rand(c, seed=4))
     check_backend("triton", x, y, weight=w)
-    check_backend("triton", x, y, weight=w, similarity=_sim(c) * ~masked, similarity_mix=1.0,
-                  softcap=3.0)
+    check_backend(
+        "triton", x, y, weight=w, similarity=_sim(c) * ~masked, similarity_mix=1.0, softcap=3.0
+    )
     # confidence penalty: p log p → 0 at p = 0. The dense reference's autograd makes NaN there
     # (0 · −inf in the backward of p · log p), so compare the loss and ask for a finite gradient.
     check_backend("triton", x, y, weight=w, confidence_penalty=0.2, grad=False)
@@ -229,12 +252,14 @@ def test_return_stats(request, split):
     x[0, 100] = x[0, 7] = x[0].max() + 1  # tie across blocks (and across row pieces)
     x[1] = 0.0  # all equal: argmax 0
     for softcap in (None, 2.0):
-        loss, st = fused_ls.label_smoothing_cross_entropy(x, y, softcap=softcap,
-                                                          return_stats=True, backend="triton")
+        loss, st = fused_ls.label_smoothing_cross_entropy(
+            x, y, softcap=softcap, return_stats=True, backend="triton"
+        )
         z = x.double() if softcap is None else softcap * torch.tanh(x.double() / softcap)
         torch.testing.assert_close(st.lse, torch.logsumexp(z, 1).float(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(st.confidence, torch.softmax(z, 1).max(1).values.float(),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            st.confidence, torch.softmax(z, 1).max(1).values.float(), rtol=1e-5, atol=1e-6
+        )
         assert torch.equal(st.prediction, torch.argmax(z, 1))
         assert st.prediction[0] == 7 and st.prediction[1] == 0
         torch.testing.assert_close(loss, reference.cross_entropy(x, y, softcap=softcap).float())
@@ -250,14 +275,20 @@ def test_inplace_backward(request, split, dtype):
         request.getfixturevalue("split_rows")
     n, c = SPLIT_SHAPE
     x0, y = make(n, c, dtype)
-    kw = dict(similarity=sparse_sim(c, k=4), similarity_mix=0.5, softcap=6.0,
-              mix_target=make(n, c, seed=9)[1], mix_lambda=0.4)
+    kw = dict(
+        similarity=sparse_sim(c, k=4),
+        similarity_mix=0.5,
+        softcap=6.0,
+        mix_target=make(n, c, seed=9)[1],
+        mix_lambda=0.4,
+    )
     a = x0.clone().requires_grad_(True)
     fused_ls.label_smoothing_cross_entropy(a, y, backend="triton", **kw).backward()
     leaf = x0.clone().requires_grad_(True)
     b = leaf * 1  # non-leaf logits: the in-place gradient overwrites this buffer
-    fused_ls.label_smoothing_cross_entropy(b, y, backend="triton", inplace_backward=True,
-                                           **kw).backward()
+    fused_ls.label_smoothing_cross_entropy(
+        b, y, backend="triton", inplace_backward=True, **kw
+    ).backward()
     assert torch.equal(b.detach(), a.grad)  # the logits' storage now holds the gradient
     assert torch.equal(leaf.grad, a.grad)
 
@@ -294,8 +325,9 @@ def test_sparse_neighbours_coinciding_with_targets():
     val = torch.tensor([0.5, 0.25, 0.25]).expand(c, 3)
     sim = SparseSimilarity(idx.to(DEVICE), val.to(DEVICE))
     x, y = make(n, c)
-    check_backend("triton", x, y, similarity=sim, similarity_mix=0.8,
-                  mix_target=(y + 1) % c, mix_lambda=0.5)
+    check_backend(
+        "triton", x, y, similarity=sim, similarity_mix=0.8, mix_target=(y + 1) % c, mix_lambda=0.5
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -303,15 +335,14 @@ def test_grad_pass_rounds_once(dtype):
     """The backend's grad pass equals the torch backend's fp32 computation rounded once."""
     n, c = SHAPES[-1]
     x, y = make(n, c, dtype)
-    kw = dict(similarity=sparse_sim(c), similarity_mix=0.5, z_loss=1e-2,
-              confidence_penalty=0.1)
+    kw = dict(similarity=sparse_sim(c), similarity_mix=0.5, z_loss=1e-2, confidence_penalty=0.1)
     _, g_t = _loss_and_grad(x, y, **kw)
     xx = x.clone().requires_grad_(True)
     fused_ls.label_smoothing_cross_entropy(xx, y, backend="torch", **kw).sum().backward()
     # Both round an fp32 value once, so they differ by at most one step of the output dtype
     # (bf16: 2⁻⁷ relative at worst) plus fp32 noise (summation order, the GPU's approximate exp).
     diff = (g_t.float() - xx.grad.float()).abs()
-    step = xx.grad.float().abs() * (2.0 ** -7 if dtype in LOW else 1e-5) + 1e-7
+    step = xx.grad.float().abs() * (2.0**-7 if dtype in LOW else 1e-5) + 1e-7
     assert torch.all(diff <= step), float((diff - step).max())
 
 

@@ -94,8 +94,20 @@ class Backend:
     def row_stats(self, x, R, ridx_a, ridx_b, softcap: float, need_pz: bool) -> RowStats:
         raise NotImplementedError
 
-    def grad_rows(self, x, out, R, ridx_a, ridx_b, lse, pz, terms: GradTerms, sparse_cols,
-                  sparse_mass, softcap: float) -> None:
+    def grad_rows(
+        self,
+        x,
+        out,
+        R,
+        ridx_a,
+        ridx_b,
+        lse,
+        pz,
+        terms: GradTerms,
+        sparse_cols,
+        sparse_mass,
+        softcap: float,
+    ) -> None:
         raise NotImplementedError
 
     def reasons(self, req: Request) -> list[str]:

@@ -112,11 +112,24 @@ class TorchBackend(Backend):
                     rows = R[ridx[s:e]]
                     zz = torch.where(pos[ridx[s:e]], z, zero, out=ws("t", e - s)) if mask else z
                     out[key][s:e] = (zz * rows).sum(1)
-        return RowStats(out["m"], out["lse"], out["argmax"], out["dot_a"], out.get("dot_b"),
-                        out.get("pz"))
+        return RowStats(
+            out["m"], out["lse"], out["argmax"], out["dot_a"], out.get("dot_b"), out.get("pz")
+        )
 
-    def grad_rows(self, x, out, R, ridx_a, ridx_b, lse, pz, terms: GradTerms, sparse_cols,
-                  sparse_mass, softcap):
+    def grad_rows(
+        self,
+        x,
+        out,
+        R,
+        ridx_a,
+        ridx_b,
+        lse,
+        pz,
+        terms: GradTerms,
+        sparse_cols,
+        sparse_mass,
+        softcap,
+    ):
         n, c = x.shape
         acc = _acc_dtype(x.dtype)
         single = R.shape[0] == 1

@@ -66,8 +66,10 @@ class TritonBackend(Backend):
             return why
         if torch.cuda.is_available() or _interpreted(k):
             return None
-        return ("no CUDA device (triton kernels run on CUDA tensors; on CPU only under "
-                "TRITON_INTERPRET=1, set before triton is imported, for testing)")
+        return (
+            "no CUDA device (triton kernels run on CUDA tensors; on CPU only under "
+            "TRITON_INTERPRET=1, set before triton is imported, for testing)"
+        )
 
     def unsupported_reasons(self, req: Request) -> list[str]:
         reasons = []
@@ -76,13 +78,17 @@ class TritonBackend(Backend):
             return [why]
         if req.device_type == "cpu":
             if not _interpreted(k):
-                reasons.append("CPU tensors run only under the Triton interpreter "
-                               "(TRITON_INTERPRET=1 before triton is imported)")
+                reasons.append(
+                    "CPU tensors run only under the Triton interpreter "
+                    "(TRITON_INTERPRET=1 before triton is imported)"
+                )
         elif req.device_type != "cuda":
             reasons.append(f"triton kernels serve CUDA tensors, not {req.device_type}")
         if req.dtype not in _DTYPES:
-            reasons.append(f"triton kernels take fp32/bf16/fp16 logits, not {req.dtype} "
-                           "(fp64 accumulates in fp64 on the other backends)")
+            reasons.append(
+                f"triton kernels take fp32/bf16/fp16 logits, not {req.dtype} "
+                "(fp64 accumulates in fp64 on the other backends)"
+            )
         return reasons
 
     def row_stats(self, x, R, ridx_a, ridx_b, softcap, need_pz):
@@ -100,22 +106,66 @@ class TritonBackend(Backend):
         ra = ridx_a if per_row else argmax  # any int64 [N] tensor when unused
         rb = ridx_b if ridx_b is not None else ra
         if n == 0:
-            return RowStats(m, lse, argmax, dot_a, dot_b if ridx_b is not None else None,
-                            pz if need_pz else None)
+            return RowStats(
+                m,
+                lse,
+                argmax,
+                dot_a,
+                dot_b if ridx_b is not None else None,
+                pz if need_pz else None,
+            )
         with _device_guard(x):
             k._row_stats_kernel[(n, splits)](
-                x, x.stride(0), R, R.stride(0), ra, rb, part, part_arg,
-                c, splits, cols, float(softcap),
-                BLOCK=block, PER_ROW_R=per_row, HAS_B=ridx_b is not None, NEED_PZ=bool(need_pz),
-                HAS_SOFTCAP=softcap > 0, num_warps=warps)
+                x,
+                x.stride(0),
+                R,
+                R.stride(0),
+                ra,
+                rb,
+                part,
+                part_arg,
+                c,
+                splits,
+                cols,
+                float(softcap),
+                BLOCK=block,
+                PER_ROW_R=per_row,
+                HAS_B=ridx_b is not None,
+                NEED_PZ=bool(need_pz),
+                HAS_SOFTCAP=softcap > 0,
+                num_warps=warps,
+            )
             k._merge_stats_kernel[(n,)](
-                part, part_arg, m, lse, argmax, dot_a, dot_b, pz, splits,
-                SP=_next_pow2(splits), num_warps=1)
-        return RowStats(m, lse, argmax, dot_a, dot_b if ridx_b is not None else None,
-                        pz if need_pz else None)
+                part,
+                part_arg,
+                m,
+                lse,
+                argmax,
+                dot_a,
+                dot_b,
+                pz,
+                splits,
+                SP=_next_pow2(splits),
+                num_warps=1,
+            )
+        return RowStats(
+            m, lse, argmax, dot_a, dot_b if ridx_b is not None else None, pz if need_pz else None
+        )
 
-    def grad_rows(self, x, out, R, ridx_a, ridx_b, lse, pz, terms: GradTerms, sparse_cols,
-                  sparse_mass, softcap):
+    def grad_rows(
+        self,
+        x,
+        out,
+        R,
+        ridx_a,
+        ridx_b,
+        lse,
+        pz,
+        terms: GradTerms,
+        sparse_cols,
+        sparse_mass,
+        softcap,
+    ):
         k, _ = _load()
         n, c = x.shape
         if n == 0:
@@ -125,15 +175,19 @@ class TritonBackend(Backend):
         cols, splits, block, warps = launch_config(c)
         zero = torch.zeros_like(terms.coef)
         # One [N, 8] fp32 row of coefficients per sample (O(N) copies): coef, γ, u_a, u_b, t_a, t_b.
-        pack = torch.stack([
-            terms.coef,
-            terms.gamma if terms.gamma is not None else zero,
-            terms.u_a,
-            terms.u_b if terms.u_b is not None else zero,
-            terms.t_a,
-            terms.t_b if terms.t_b is not None else zero,
-            zero, zero,
-        ], 1).to(torch.float32)
+        pack = torch.stack(
+            [
+                terms.coef,
+                terms.gamma if terms.gamma is not None else zero,
+                terms.u_a,
+                terms.u_b if terms.u_b is not None else zero,
+                terms.t_a,
+                terms.t_b if terms.t_b is not None else zero,
+                zero,
+                zero,
+            ],
+            1,
+        ).to(torch.float32)
         y_a = terms.y_a.contiguous()
         y_b = terms.y_b.contiguous() if terms.y_b is not None else y_a
         per_row = R.shape[0] > 1
@@ -148,12 +202,34 @@ class TritonBackend(Backend):
         has_pz = terms.gamma is not None
         with _device_guard(x):
             k._grad_kernel[(n, splits)](
-                x, x.stride(0), out, out.stride(0), R, R.stride(0), ra, rb,
-                lse, pz if has_pz else lse, pack, y_a, y_b, sp_cols, sp_mass, n_sp,
-                c, cols, float(softcap),
-                BLOCK=block, KP=_next_pow2(n_sp + 2), PER_ROW_R=per_row,
-                HAS_B=ridx_b is not None, NEED_PZ=has_pz, HAS_SOFTCAP=softcap > 0,
-                POINT_CHUNK=k.POINT_CHUNK, num_warps=warps)
+                x,
+                x.stride(0),
+                out,
+                out.stride(0),
+                R,
+                R.stride(0),
+                ra,
+                rb,
+                lse,
+                pz if has_pz else lse,
+                pack,
+                y_a,
+                y_b,
+                sp_cols,
+                sp_mass,
+                n_sp,
+                c,
+                cols,
+                float(softcap),
+                BLOCK=block,
+                KP=_next_pow2(n_sp + 2),
+                PER_ROW_R=per_row,
+                HAS_B=ridx_b is not None,
+                NEED_PZ=has_pz,
+                HAS_SOFTCAP=softcap > 0,
+                POINT_CHUNK=k.POINT_CHUNK,
+                num_warps=warps,
+            )
 
 
 register(TritonBackend())
