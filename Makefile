@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench lint format info clean
+.PHONY: venv test bench microbench lint format info clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ test: venv
 
 bench: venv
 	$(VPY) benchmarks/bench.py
+
+# Per-op micro-benchmarks (pytest-benchmark); timings only, correctness lives in tests/.
+microbench: venv
+	$(VPY) -m pytest -q benchmarks/test_micro.py --benchmark-enable --benchmark-columns=median,iqr,rounds
 
 lint: venv
 	$(VPY) -m ruff check .
