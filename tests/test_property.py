@@ -2,7 +2,7 @@
 
 import torch
 from helpers import check_backend
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_contract import BACKENDS, DEV
 
@@ -50,6 +50,14 @@ def problems(draw):
         kw["mix_lambda"] = draw(
             st.one_of(st.floats(0, 1), st.just(torch.rand(N, generator=g, dtype=torch.float64)))
         )
+    if "adaptive" in kw:
+        # keep every row's confidence away from the threshold, where fp32 rounding (ours) and
+        # float64 (the reference) could legitimately take different branches
+        ad = kw["adaptive"]
+        cap = kw.get("softcap")
+        p = torch.softmax(cap * torch.tanh(x / cap) if cap else x, 1)
+        conf = p.max(1).values if ad.confidence == "max" else p.gather(1, y.clamp(0)[:, None])[:, 0]
+        assume(bool(((conf - ad.threshold).abs() > 1e-4).all()))
     dtype = draw(st.sampled_from([torch.float64, torch.float32]))
     return x.to(dtype), y, kw
 
@@ -65,7 +73,11 @@ def _to(kw, dtype):
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(problem=problems(), backend=st.sampled_from(BACKENDS))
 def test_random_problems_match_reference(problem, backend):
     x, y, kw = problem
