@@ -1,14 +1,22 @@
-// Argument checks and preparation shared by the CPU (cpu/ops.cpp) and CUDA (cuda/kernels.cu)
-// implementations of the kernel-level ops fused_ls::ext_row_stats / fused_ls::ext_grad_rows.
+// The host side of the kernel-level ops fused_ls::ext_row_stats / fused_ls::ext_grad_rows,
+// shared by the CPU (cpu/ops.cpp) and CUDA (cuda/kernels.cu) implementations: argument checks,
+// preparation, and the filling of the plain-data kernel arguments (cpu/args.h). Each
+// implementation is row_stats_op<Device> / grad_rows_op<Device> with a Device that has
+//   static void check(const at::Tensor& x);                        the logits' device is served
+//   static void stats(const StatsArgs& a, const at::Tensor& x);    runs the statistics kernel
+//   static void grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out);
 // The O(N) per-row tensors may arrive as strided views (columns of the coefficient pack) or in
 // another dtype: they are made contiguous in the accumulation dtype here (a device copy on CUDA,
-// never a host sync). The N×C logits are never copied.
+// never a host sync); they stay alive until the kernels are launched. The N×C logits are never
+// copied.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
+
+#include "cpu/args.h"
 
 namespace fused_ls {
 
@@ -63,58 +71,108 @@ inline const int64_t* idx_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<int64_t>() : nullptr;
 }
 
-// The gradient op's O(N) inputs, prepared.
-struct GradInputs {
-  at::Tensor R, ridx_a, ridx_b, lse, pz, coef, gamma, u_a, u_b, y_a, t_a, y_b, t_b, cols, mass;
-  int64_t K = 0;
-};
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_op(
+    const at::Tensor& x, const at::Tensor& R_in, const c10::optional<at::Tensor>& ridx_a_in,
+    const c10::optional<at::Tensor>& ridx_b_in, double softcap, bool need_pz) {
+  check_logits(x, "x");
+  Device::check(x);
+  const at::Tensor R = prep_R(R_in, x);
+  const at::Tensor ridx_a = prep(ridx_a_in, at::kLong), ridx_b = prep(ridx_b_in, at::kLong);
+  TORCH_CHECK(R.size(0) > 1 || (!ridx_a.defined() && !ridx_b.defined()),
+              "fused_ls: ridx_a / ridx_b index a [C, C] R only");
+  TORCH_CHECK(R.size(0) == 1 || ridx_a.defined(), "fused_ls: a [C, C] R needs ridx_a");
+  check_rows(ridx_a, x, "ridx_a");
+  check_rows(ridx_b, x, "ridx_b");
+  auto outs = alloc_stats(x, ridx_b.defined(), need_pz);
+  auto& [m, lse, argmax, dot_a, dot_b, pz] = outs;
+  if (x.size(0) == 0) return outs;
+  TORCH_CHECK(x.size(1) > 0, "fused_ls: need at least one class");
+  StatsArgs a{};
+  a.x = x.const_data_ptr();
+  a.x_stride = x.stride(0);
+  a.C = x.size(1);
+  a.R = R.const_data_ptr();
+  a.ridx_a = idx_or_null(ridx_a);
+  a.ridx_b = idx_or_null(ridx_b);
+  a.softcap = softcap;
+  a.need_pz = need_pz;
+  a.m = m.data_ptr();
+  a.lse = lse.data_ptr();
+  a.argmax = argmax.data_ptr<int64_t>();
+  a.dot_a = dot_a.data_ptr();
+  a.dot_b = ridx_b.defined() ? dot_b.data_ptr() : nullptr;
+  a.pz = need_pz ? pz.data_ptr() : nullptr;
+  Device::stats(a, x);
+  return outs;
+}
 
-inline GradInputs prep_grad(const at::Tensor& x, const at::Tensor& out, const at::Tensor& R,
-                            const c10::optional<at::Tensor>& ridx_a,
-                            const c10::optional<at::Tensor>& ridx_b, const at::Tensor& lse,
-                            const c10::optional<at::Tensor>& pz, const at::Tensor& coef,
-                            const c10::optional<at::Tensor>& gamma, const at::Tensor& u_a,
-                            const c10::optional<at::Tensor>& u_b, const at::Tensor& y_a,
-                            const at::Tensor& t_a, const c10::optional<at::Tensor>& y_b,
-                            const c10::optional<at::Tensor>& t_b,
-                            const c10::optional<at::Tensor>& sparse_cols,
-                            const c10::optional<at::Tensor>& sparse_mass) {
+template <typename Device>
+void grad_rows_op(const at::Tensor& x, const at::Tensor& out, const at::Tensor& R_in,
+                  const c10::optional<at::Tensor>& ridx_a_in,
+                  const c10::optional<at::Tensor>& ridx_b_in, const at::Tensor& lse_in,
+                  const c10::optional<at::Tensor>& pz_in, const at::Tensor& coef_in,
+                  const c10::optional<at::Tensor>& gamma_in, const at::Tensor& u_a_in,
+                  const c10::optional<at::Tensor>& u_b_in, const at::Tensor& y_a_in,
+                  const at::Tensor& t_a_in, const c10::optional<at::Tensor>& y_b_in,
+                  const c10::optional<at::Tensor>& t_b_in,
+                  const c10::optional<at::Tensor>& sparse_cols,
+                  const c10::optional<at::Tensor>& sparse_mass, double softcap) {
+  Device::check(x);
   check_logits(x, "x");
   check_logits(out, "out");
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
                   out.device() == x.device(),
               "fused_ls: out must match the logits' shape, dtype and device");
   const auto acc = acc_type(x.scalar_type());
-  GradInputs g;
-  g.R = prep_R(R, x);
-  g.ridx_a = prep(ridx_a, at::kLong);
-  g.ridx_b = prep(ridx_b, at::kLong);
-  g.lse = prep(lse, acc);
-  g.coef = prep(coef, acc);
-  g.gamma = prep(gamma, acc);
-  g.pz = g.gamma.defined() ? prep(pz, acc) : at::Tensor();
-  TORCH_CHECK(!g.gamma.defined() || g.pz.defined(), "fused_ls: gamma needs pz");
-  g.u_a = prep(u_a, acc);
-  g.u_b = prep(u_b, acc);
-  g.y_a = prep(y_a, at::kLong);
-  g.t_a = prep(t_a, acc);
-  g.y_b = prep(y_b, at::kLong);
-  g.t_b = prep(t_b, acc);
-  TORCH_CHECK(g.y_b.defined() == g.t_b.defined(), "fused_ls: y_b and t_b go together");
-  g.cols = prep(sparse_cols, at::kLong);
-  g.mass = prep(sparse_mass, acc);
-  TORCH_CHECK(g.cols.defined() == g.mass.defined(), "fused_ls: sparse_cols and sparse_mass go together");
-  if (g.cols.defined()) {
-    TORCH_CHECK(g.cols.dim() == 2 && g.cols.sizes() == g.mass.sizes(),
+  const at::Tensor R = prep_R(R_in, x);
+  const at::Tensor ridx_a = prep(ridx_a_in, at::kLong), ridx_b = prep(ridx_b_in, at::kLong);
+  const at::Tensor lse = prep(lse_in, acc), coef = prep(coef_in, acc), gamma = prep(gamma_in, acc);
+  const at::Tensor pz = gamma.defined() ? prep(pz_in, acc) : at::Tensor();
+  TORCH_CHECK(!gamma.defined() || pz.defined(), "fused_ls: gamma needs pz");
+  const at::Tensor u_a = prep(u_a_in, acc), u_b = prep(u_b_in, acc);
+  const at::Tensor y_a = prep(y_a_in, at::kLong), t_a = prep(t_a_in, acc);
+  const at::Tensor y_b = prep(y_b_in, at::kLong), t_b = prep(t_b_in, acc);
+  TORCH_CHECK(y_b.defined() == t_b.defined(), "fused_ls: y_b and t_b go together");
+  const at::Tensor cols = prep(sparse_cols, at::kLong), mass = prep(sparse_mass, acc);
+  TORCH_CHECK(cols.defined() == mass.defined(),
+              "fused_ls: sparse_cols and sparse_mass go together");
+  int64_t K = 0;
+  if (cols.defined()) {
+    TORCH_CHECK(cols.dim() == 2 && cols.sizes() == mass.sizes(),
                 "fused_ls: sparse_cols / sparse_mass must be [N, K]");
-    g.K = g.cols.size(1);
+    K = cols.size(1);
   }
-  if (g.R.size(0) > 1) TORCH_CHECK(g.ridx_a.defined(), "fused_ls: a [C, C] R needs ridx_a");
-  for (auto* t : {&g.ridx_a, &g.ridx_b, &g.lse, &g.pz, &g.coef, &g.gamma, &g.u_a, &g.u_b, &g.y_a,
-                  &g.t_a, &g.y_b, &g.t_b, &g.cols, &g.mass}) {
+  if (R.size(0) > 1) TORCH_CHECK(ridx_a.defined(), "fused_ls: a [C, C] R needs ridx_a");
+  for (const at::Tensor* t : {&ridx_a, &ridx_b, &lse, &pz, &coef, &gamma, &u_a, &u_b, &y_a, &t_a,
+                              &y_b, &t_b, &cols, &mass}) {
     check_rows(*t, x, "a per-row input");
   }
-  return g;
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  GradArgs a{};
+  a.x = x.const_data_ptr();
+  a.x_stride = x.stride(0);
+  a.out = out.data_ptr();
+  a.out_stride = out.stride(0);
+  a.C = x.size(1);
+  a.R = R.const_data_ptr();
+  a.ridx_a = R.size(0) > 1 ? idx_or_null(ridx_a) : nullptr;
+  a.ridx_b = R.size(0) > 1 ? idx_or_null(ridx_b) : nullptr;
+  a.lse = lse.const_data_ptr();
+  a.pz = ptr_or_null(pz);
+  a.coef = coef.const_data_ptr();
+  a.gamma = ptr_or_null(gamma);
+  a.u_a = u_a.const_data_ptr();
+  a.u_b = ptr_or_null(u_b);
+  a.y_a = idx_or_null(y_a);
+  a.t_a = t_a.const_data_ptr();
+  a.y_b = idx_or_null(y_b);
+  a.t_b = ptr_or_null(t_b);
+  a.sp_cols = idx_or_null(cols);
+  a.sp_mass = ptr_or_null(mass);
+  a.K = K;
+  a.softcap = softcap;
+  Device::grad(a, x, out);
 }
 
 }  // namespace fused_ls

@@ -63,15 +63,17 @@ FLS_HD T nan_max(T a, T b) {
 }
 
 // ---- the softcap transform --------------------------------------------------------------------
-// z = cap · tanh(x / cap); the caller applies it only when cap > 0.
+// z = cap · tanh(x / cap); the caller applies it only when cap > 0. Both functions take
+// rcp = 1 / cap, computed once per row or kernel: x · rcp is within 1.5 ulp of x / cap, and a
+// multiply instead of a divide per element matters in the vector loops.
 template <typename V>
-FLS_HD V softcap_z(V x, V cap) {
-  return cap * rm_tanh(x / cap);
+FLS_HD V softcap_z(V x, V cap, V rcp) {
+  return cap * rm_tanh(x * rcp);
 }
 // dz/dx = 1 − tanh²(x / cap) = 1 − (z / cap)², from z itself (no second tanh).
 template <typename V>
-FLS_HD V softcap_dzdx(V z, V cap) {
-  V t = z / cap;
+FLS_HD V softcap_dzdx(V z, V rcp) {
+  V t = z * rcp;
   return V(1) - t * t;
 }
 
@@ -167,12 +169,12 @@ FLS_HD V grad_softmax_part(V z, V lse, V coef, V gamma, V pz) {
 }
 
 // The whole gradient element from its parts: softmax part minus the linear (smoothing and
-// target) mass `lin` = u_a R_a,c + u_b R_b,c + Σ masses at c, times dz/dx with a softcap. The
-// subtraction happens before rounding to the output dtype (DESIGN.md §3).
+// target) mass `lin` = u_a R_a,c + u_b R_b,c + Σ masses at c, times dz/dx with a softcap
+// (rcp = 1 / cap). The subtraction happens before rounding to the output dtype (DESIGN.md §3).
 template <typename V>
-FLS_HD V grad_finish(V soft, V lin, V z, bool has_cap, V cap) {
+FLS_HD V grad_finish(V soft, V lin, V z, bool has_cap, V rcp) {
   V g = soft - lin;
-  return has_cap ? g * softcap_dzdx(z, cap) : g;
+  return has_cap ? g * softcap_dzdx(z, rcp) : g;
 }
 
 #if defined(CPU_CAPABILITY) && !defined(__CUDACC__)

@@ -1,15 +1,18 @@
-// Plain-data arguments of the two CPU row kernels. This header is shared by the dispatcher
-// (compiled with the baseline flags) and the per-ISA kernel translation units, so it includes no
-// ATen header: the ISA-specific objects see only raw pointers and sizes (see kernel_impl.h).
+// Plain-data arguments of the two row kernels, filled once from the op's tensors by
+// ext_common.h (row_stats_op / grad_rows_op) for both implementations: the CPU kernels take them
+// as they are, the CUDA kernels extend them with their launch layout (csrc/cuda/kernels.cu).
+// This header is shared by the dispatcher (compiled with the baseline flags), the per-ISA CPU
+// kernel translation units and nvcc, so it includes no ATen header: the ISA-specific objects see
+// only raw pointers and sizes (see kernel_impl.h).
 #pragma once
 
 #include <cstdint>
 
 namespace fused_ls {
 namespace cpu {
-
 // Logits dtype; the accumulation dtype is double for F64 and float otherwise.
 enum class Dtype : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
+}  // namespace cpu
 
 // row_stats: one streaming read of each row (C elements of the logits dtype, plus the R row(s),
 // which stay in cache across rows when R is [1, C]); writes 5–6 accumulation-dtype values and one
@@ -58,5 +61,4 @@ struct GradArgs {
   double softcap;
 };
 
-}  // namespace cpu
 }  // namespace fused_ls

@@ -63,6 +63,42 @@ template <typename T>
 inline at::vec::Vectorized<T> rm_tanh(at::vec::Vectorized<T> v) {
   return v.tanh();
 }
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// fp32 tanh of the softcap transform, inline (at::vec's tanh is a call to Sleef's 1-ulp
+// double-float tanh, which made the soft-capped kernels ~4× slower than the plain ones).
+// With a = |v|:
+//   a < 0.625:  tanh a = a + a³ · P(a²), P a degree-5 minimax fit of (tanh a − a) / a³ (relative
+//               error of the fit 1.6e-10; ≤ 1 ulp in fp32, exact as a → 0, so that z = x for
+//               small x just as without softcap);
+//   a ≥ 0.625:  tanh a = 1 − 2 / (exp(2a) + 1), with a clamped to 10 (tanh 10 rounds to 1 in
+//               fp32) and exp_u20: its relative error δ ≤ 2.4e-6 enters damped, by
+//               2e/(e + 1)² / tanh a ≤ 0.75 at a = 0.625 and falling fast beyond (measured over
+//               every 7th fp32 in [0, 12]: ≤ 1.9 ulp overall, the worst just above 0.625).
+// The sign bit of v is copied onto the result (tanh(−0) = −0), ±inf gives ±1, NaN passes through.
+template <>
+inline at::vec::Vectorized<float> rm_tanh(at::vec::Vectorized<float> v) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec a = v.abs();
+  const Vec s = a * a;
+  Vec p(0x1.18e4a6p-9f);
+  p = at::vec::fmadd(p, s, Vec(-0x1.0bf5bcp-7f));
+  p = at::vec::fmadd(p, s, Vec(0x1.638b7ep-6f));
+  p = at::vec::fmadd(p, s, Vec(-0x1.b9ee94p-5f));
+  p = at::vec::fmadd(p, s, Vec(0x1.111066p-3f));
+  p = at::vec::fmadd(p, s, Vec(-0x1.555554p-2f));
+  Vec t = at::vec::fmadd(a * s, p, a);
+  // the exp branch only when a lane needs it (NaN lanes do not: they are passed through below);
+  // with the usual |x| < 0.625 · softcap, never
+  const Vec is_large = a >= Vec(0.625f);
+  constexpr int all_lanes = static_cast<int>((1ull << Vec::size()) - 1);
+  if ((is_large.zero_mask() & all_lanes) != all_lanes) {
+    const Vec e = (at::vec::minimum(a, Vec(10.f)) * Vec(2.f)).exp_u20();
+    t = Vec::blendv(t, Vec(1.f) - Vec(2.f) / (e + Vec(1.f)), is_large);
+  }
+  const Vec r = t | (v & Vec(-0.f));  // t ≥ 0: copy v's sign bit onto it
+  return Vec::blendv(r, v, v.isnan());
+}
+#endif
 template <typename T>
 inline at::vec::Vectorized<T> rm_zero_where_zero(at::vec::Vectorized<T> test,
                                                  at::vec::Vectorized<T> v) {
@@ -134,21 +170,23 @@ struct ChunkView {
 };
 
 // z for n ≤ kChunk logits: the logits themselves when they already are z (accumulation dtype,
-// no softcap), else converted and soft-capped into buf. Tail lanes past n hold `pad`.
+// no softcap), else converted and/or soft-capped into buf (rcp = 1 / cap). Tail lanes past n
+// hold `pad`.
 template <typename scalar_t, typename acc_t>
 inline void load_chunk(const scalar_t* x, int64_t n, acc_t* buf, bool has_cap, acc_t cap,
-                       acc_t pad, ChunkView<acc_t>& v) {
+                       acc_t rcp, acc_t pad, ChunkView<acc_t>& v) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   v.n = n;
   v.full = n / W * W;
+  const acc_t* src = buf;  // the chunk in the accumulation dtype, before the softcap
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (!has_cap) {
       v.src = x;
       for (int64_t j = v.full; j < v.full + W; ++j) v.tail[j - v.full] = j < n ? x[j] : pad;
       return;
     }
-    std::memcpy(buf, x, n * sizeof(acc_t));
+    src = x;  // soft-capped straight from x into buf below
   } else {
     using RVec = Vectorized<scalar_t>;  // 2W lanes of bf16 / fp16
     int64_t j = 0;
@@ -160,8 +198,14 @@ inline void load_chunk(const scalar_t* x, int64_t n, acc_t* buf, bool has_cap, a
     for (; j < n; ++j) buf[j] = static_cast<acc_t>(x[j]);
   }
   if (has_cap) {
-    const Vec vcap(cap);
-    for (int64_t j = 0; j < n; j += W) rm::softcap_z(Vec::loadu(buf + j), vcap).store(buf + j);
+    const Vec vcap(cap), vrcp(rcp);
+    for (int64_t j = 0; j < v.full; j += W) {
+      rm::softcap_z(Vec::loadu(src + j), vcap, vrcp).store(buf + j);
+    }
+    if (v.full < n) {  // partial load: src may be x, which ends at n
+      const int64_t cnt = n - v.full;
+      rm::softcap_z(Vec::loadu(src + v.full, cnt), vcap, vrcp).store(buf + v.full, cnt);
+    }
   }
   v.src = buf;
   for (int64_t j = v.full; j < v.full + W; ++j) v.tail[j - v.full] = j < n ? buf[j] : pad;
@@ -199,6 +243,7 @@ void stats_rows(const StatsArgs& a, int64_t begin, int64_t end) {
   const acc_t* R = static_cast<const acc_t*>(a.R);
   const bool has_cap = a.softcap > 0;
   const acc_t cap = static_cast<acc_t>(a.softcap);
+  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
   const int64_t C = a.C;
 
   for (int64_t i = begin; i < end; ++i) {
@@ -212,7 +257,7 @@ void stats_rows(const StatsArgs& a, int64_t begin, int64_t end) {
 
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
-      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, NEG, cv);
+      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, NEG, cv);
       // sweep 1: max, min, and the dots Σ R z as plain products; padded lanes hold z = −inf and
       // R = 0 (masked load). Only if the chunk holds a −inf or NaN (min tells) are the dots
       // redone with zero-mass terms forced to 0 — the rare masked-vocabulary case.
@@ -275,7 +320,7 @@ void stats_rows(const StatsArgs& a, int64_t begin, int64_t end) {
     }
     // the argmax's position inside its chunk: one vectorised scan of that chunk per row
     const int64_t nb = std::min(kChunk, C - best_c0);
-    load_chunk<scalar_t, acc_t>(xr + best_c0, nb, buf, has_cap, cap, NEG, cv);
+    load_chunk<scalar_t, acc_t>(xr + best_c0, nb, buf, has_cap, cap, rcp, NEG, cv);
     const bool find_nan = best != best;
     const Vec vbest(best);
     int64_t arg = -1;
@@ -309,6 +354,7 @@ void grad_rows_impl(const GradArgs& a, int64_t begin, int64_t end) {
   const acc_t* R = static_cast<const acc_t*>(a.R);
   const bool has_cap = a.softcap > 0;
   const acc_t cap = static_cast<acc_t>(a.softcap);
+  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
   const bool has_gamma = a.gamma != nullptr;
   const int64_t C = a.C;
   auto get = [](const void* p, int64_t i) { return static_cast<const acc_t*>(p)[i]; };
@@ -343,11 +389,11 @@ void grad_rows_impl(const GradArgs& a, int64_t begin, int64_t end) {
     for (int64_t f = 0; f < nf; ++f) fx[f] = static_cast<acc_t>(xr[fcol[f]]);
 
     // 2. dense pass: g = softmax part − u_a R_a − u_b R_b, × dz/dx
-    const Vec vlse(lse), vcoef(coef), vgamma(gamma), vpz(pz), vua(ua), vub(ub), vcap(cap);
+    const Vec vlse(lse), vcoef(coef), vgamma(gamma), vpz(pz), vua(ua), vub(ub), vrcp(rcp);
     const bool lse_finite = lse == lse && lse != -rm::neg_inf<acc_t>() && lse != rm::neg_inf<acc_t>();
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0);
-      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, acc_t(0), cv);
+      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, acc_t(0), cv);
       // same dtype: write each vector straight into out (reading x first, so out may alias x);
       // else into buf, converted to the output dtype below
       constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
@@ -359,7 +405,7 @@ void grad_rows_impl(const GradArgs& a, int64_t begin, int64_t end) {
                                    : rm::grad_softmax_part_p(p, vcoef);
         Vec lin = vua * Vec::loadu(Ra + c0 + j, cnt);
         if (Rb) lin += vub * Vec::loadu(Rb + c0 + j, cnt);
-        rm::grad_finish(soft, lin, z, has_cap, vcap).store(dst + j, cnt);
+        rm::grad_finish(soft, lin, z, has_cap, vrcp).store(dst + j, cnt);
       });
       if constexpr (!direct) store_chunk<scalar_t, acc_t>(buf, n, orow + c0);
     }
@@ -371,10 +417,10 @@ void grad_rows_impl(const GradArgs& a, int64_t begin, int64_t end) {
       for (int64_t f2 = 0; f2 < nf; ++f2) {
         if (fcol[f2] == c) lin += fmass[f2];
       }
-      const acc_t z = has_cap ? rm::softcap_z(fx[f], cap) : fx[f];
+      const acc_t z = has_cap ? rm::softcap_z(fx[f], cap, rcp) : fx[f];
       const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, coef, gamma, pz)
                                    : rm::grad_softmax_part(z, lse, coef);
-      orow[c] = static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, cap));
+      orow[c] = static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
     }
   }
 }

@@ -28,7 +28,6 @@
 #endif
 
 #include "../ext_common.h"
-#include "args.h"
 
 namespace fused_ls {
 namespace cpu {
@@ -134,88 +133,23 @@ void check_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "fused_ls: the cpp backend serves CPU tensors only");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(
-    const at::Tensor& x, const at::Tensor& R_in, const c10::optional<at::Tensor>& ridx_a_in,
-    const c10::optional<at::Tensor>& ridx_b_in, double softcap, bool need_pz) {
-  check_logits(x, "x");
-  check_cpu(x);
-  const at::Tensor R = prep_R(R_in, x);
-  const at::Tensor ridx_a = prep(ridx_a_in, at::kLong), ridx_b = prep(ridx_b_in, at::kLong);
-  TORCH_CHECK(R.size(0) > 1 || (!ridx_a.defined() && !ridx_b.defined()),
-              "fused_ls: ridx_a / ridx_b index a [C, C] R only");
-  TORCH_CHECK(R.size(0) == 1 || ridx_a.defined(), "fused_ls: a [C, C] R needs ridx_a");
-  check_rows(ridx_a, x, "ridx_a");
-  check_rows(ridx_b, x, "ridx_b");
-  auto outs = alloc_stats(x, ridx_b.defined(), need_pz);
-  auto& [m, lse, argmax, dot_a, dot_b, pz] = outs;
-  const int64_t N = x.size(0);
-  if (N == 0) return outs;
-  TORCH_CHECK(x.size(1) > 0, "fused_ls: need at least one class");
-  StatsArgs a{};
-  a.x = x.const_data_ptr();
-  a.x_stride = x.stride(0);
-  a.C = x.size(1);
-  a.R = R.const_data_ptr();
-  a.ridx_a = idx_or_null(ridx_a);
-  a.ridx_b = idx_or_null(ridx_b);
-  a.softcap = softcap;
-  a.need_pz = need_pz;
-  a.m = m.data_ptr();
-  a.lse = lse.data_ptr();
-  a.argmax = argmax.data_ptr<int64_t>();
-  a.dot_a = dot_a.data_ptr();
-  a.dot_b = ridx_b.defined() ? dot_b.data_ptr() : nullptr;
-  a.pz = need_pz ? pz.data_ptr() : nullptr;
-  const Isa& isa = select_isa();
-  const Dtype dt = dtype_of(x);
-  at::parallel_for(0, N, grain_rows(a.C),
-                   [&](int64_t begin, int64_t end) { isa.stats(a, dt, begin, end); });
-  return outs;
-}
-
-void grad_rows_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& R,
-                   const c10::optional<at::Tensor>& ridx_a, const c10::optional<at::Tensor>& ridx_b,
-                   const at::Tensor& lse, const c10::optional<at::Tensor>& pz,
-                   const at::Tensor& coef, const c10::optional<at::Tensor>& gamma,
-                   const at::Tensor& u_a, const c10::optional<at::Tensor>& u_b,
-                   const at::Tensor& y_a, const at::Tensor& t_a,
-                   const c10::optional<at::Tensor>& y_b, const c10::optional<at::Tensor>& t_b,
-                   const c10::optional<at::Tensor>& sparse_cols,
-                   const c10::optional<at::Tensor>& sparse_mass, double softcap) {
-  check_cpu(x);
-  GradInputs g = prep_grad(x, out, R, ridx_a, ridx_b, lse, pz, coef, gamma, u_a, u_b, y_a, t_a,
-                           y_b, t_b, sparse_cols, sparse_mass);
-  const int64_t N = x.size(0);
-  if (N == 0 || x.size(1) == 0) return;
-  GradArgs a{};
-  a.x = x.const_data_ptr();
-  a.x_stride = x.stride(0);
-  a.out = out.data_ptr();
-  a.out_stride = out.stride(0);
-  a.C = x.size(1);
-  a.R = g.R.const_data_ptr();
-  a.ridx_a = g.R.size(0) > 1 ? idx_or_null(g.ridx_a) : nullptr;
-  a.ridx_b = g.R.size(0) > 1 ? idx_or_null(g.ridx_b) : nullptr;
-  a.lse = g.lse.const_data_ptr();
-  a.pz = ptr_or_null(g.pz);
-  a.coef = g.coef.const_data_ptr();
-  a.gamma = ptr_or_null(g.gamma);
-  a.u_a = g.u_a.const_data_ptr();
-  a.u_b = ptr_or_null(g.u_b);
-  a.y_a = idx_or_null(g.y_a);
-  a.t_a = g.t_a.const_data_ptr();
-  a.y_b = idx_or_null(g.y_b);
-  a.t_b = ptr_or_null(g.t_b);
-  a.sp_cols = idx_or_null(g.cols);
-  a.sp_mass = ptr_or_null(g.mass);
-  a.K = g.K;
-  a.softcap = softcap;
-  const Isa& isa = select_isa();
-  const Dtype dt = dtype_of(x);
-  if (out.data_ptr() != x.data_ptr()) advise_huge_pages(out);
-  at::parallel_for(0, N, grain_rows(a.C),
-                   [&](int64_t begin, int64_t end) { isa.grad(a, dt, begin, end); });
-}
+// The CPU side of row_stats_op / grad_rows_op (ext_common.h).
+struct CpuDevice {
+  static void check(const at::Tensor& x) { check_cpu(x); }
+  static void stats(const StatsArgs& a, const at::Tensor& x) {
+    const Isa& isa = select_isa();
+    const Dtype dt = dtype_of(x);
+    at::parallel_for(0, x.size(0), grain_rows(a.C),
+                     [&](int64_t begin, int64_t end) { isa.stats(a, dt, begin, end); });
+  }
+  static void grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out) {
+    const Isa& isa = select_isa();
+    const Dtype dt = dtype_of(x);
+    if (out.data_ptr() != x.data_ptr()) advise_huge_pages(out);
+    at::parallel_for(0, x.size(0), grain_rows(a.C),
+                     [&](int64_t begin, int64_t end) { isa.grad(a, dt, begin, end); });
+  }
+};
 
 std::string cpu_isa() { return select_isa().name; }
 
@@ -246,8 +180,8 @@ TORCH_LIBRARY_FRAGMENT(fused_ls, m) {
 }
 
 TORCH_LIBRARY_IMPL(fused_ls, CPU, m) {
-  m.impl("ext_row_stats", &fused_ls::cpu::row_stats_cpu);
-  m.impl("ext_grad_rows", &fused_ls::cpu::grad_rows_cpu);
+  m.impl("ext_row_stats", &fused_ls::row_stats_op<fused_ls::cpu::CpuDevice>);
+  m.impl("ext_grad_rows", &fused_ls::grad_rows_op<fused_ls::cpu::CpuDevice>);
 }
 
 // `import fused_ls._C` loads this library, which runs the registrations above.

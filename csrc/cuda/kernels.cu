@@ -102,17 +102,11 @@ __device__ Partial<T> block_combine(Partial<T> p) {
   return p;
 }
 
-struct StatsParams {
-  const void* x;          // [N, C] logits, unit stride on C
-  int64_t x_stride;       // row stride, elements
-  int64_t C;
+// The shared arguments (csrc/cpu/args.h; the out pointers m … pz are written by the merge kernel)
+// and the launch layout.
+struct StatsParams : StatsArgs {
   int64_t slice;          // columns per block (a multiple of the pack width)
   int S;                  // slices per row
-  const void* R;          // [1, C] or [C, C] smoothing rows r ⊙ w, accumulation dtype
-  const int64_t* ridx_a;  // [N] or null (row 0)
-  const int64_t* ridx_b;  // [N] or null (no dot_b)
-  double softcap;         // > 0: soft-capped logits
-  bool need_pz;
   bool vec;               // rows are 16-byte aligned: use packed loads
   void* part;             // [N, S, 6] out: m, d, s, dot_a, dot_b, best (accumulation dtype)
   int64_t* part_arg;      // [N, S] out: argmax of the slice
@@ -130,11 +124,12 @@ __global__ void __launch_bounds__(kThreads) stats_partial_kernel(StatsParams p) 
   const acc_t* Rb = p.ridx_b ? R + p.ridx_b[row] * p.C : nullptr;
   const bool has_cap = p.softcap > 0;
   const acc_t cap = static_cast<acc_t>(p.softcap);
+  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
 
   Partial<acc_t> part = empty_partial<acc_t>();
   auto consume = [&](int64_t c, scalar_t xv) {
     acc_t z = static_cast<acc_t>(xv);
-    if (has_cap) z = rm::softcap_z(z, cap);
+    if (has_cap) z = rm::softcap_z(z, cap, rcp);
     rm::online_add(part.st, z);
     if (rm::argmax_takes<acc_t>(z, c, part.best, part.arg)) {
       part.best = z;
@@ -194,30 +189,9 @@ __global__ void stats_merge_kernel(const acc_t* part, const int64_t* part_arg, i
 
 // ---- gradient ---------------------------------------------------------------------------------
 
-struct GradParams {
-  const void* x;          // [N, C] logits
-  int64_t x_stride;
-  void* out;              // [N, C] gradient (may alias x)
-  int64_t out_stride;
-  int64_t C;
+// The shared arguments (csrc/cpu/args.h) and the launch layout.
+struct GradParams : GradArgs {
   int64_t slice;          // columns per block (a multiple of the pack width)
-  const void* R;          // as in StatsParams
-  const int64_t* ridx_a;
-  const int64_t* ridx_b;
-  const void* lse;        // [N] per-row accumulation-dtype inputs (see args.h of the CPU kernel)
-  const void* pz;
-  const void* coef;
-  const void* gamma;      // null: no confidence penalty
-  const void* u_a;
-  const void* u_b;        // null when ridx_b is null
-  const int64_t* y_a;
-  const void* t_a;
-  const int64_t* y_b;     // null: no mixup target
-  const void* t_b;
-  const int64_t* sp_cols; // [N, K] or null
-  const void* sp_mass;
-  int64_t K;
-  double softcap;
   bool vec;               // x and out rows are 16-byte aligned
 };
 
@@ -242,6 +216,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p) {
   const acc_t ub = (Rb && p.u_b) ? get(p.u_b) : acc_t(0);
   const bool has_cap = p.softcap > 0;
   const acc_t cap = static_cast<acc_t>(p.softcap);
+  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
 
   // 1. fix-up columns of this row (target, mixup target, sparse neighbours) and, for those in
   //    this block's slice, their logits, read before anything is written
@@ -271,11 +246,11 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p) {
 
   // 2. dense pass: g = softmax part − u_a R_a − u_b R_b, × dz/dx
   auto grad_at = [&](int64_t c, acc_t x, acc_t extra_mass) {
-    const acc_t z = has_cap ? rm::softcap_z(x, cap) : x;
+    const acc_t z = has_cap ? rm::softcap_z(x, cap, rcp) : x;
     const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, coef, gamma, pz)
                                  : rm::grad_softmax_part(z, lse, coef);
     const acc_t lin = ua * Ra[c] + (Rb ? ub * Rb[c] : acc_t(0)) + extra_mass;
-    return static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, cap));
+    return static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
   };
   int64_t tail = c0;
   if (p.vec) {
@@ -334,24 +309,16 @@ void check_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "fused_ls: the cuda backend serves CUDA tensors only");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_cuda(
-    const at::Tensor& x, const at::Tensor& R_in, const c10::optional<at::Tensor>& ridx_a_in,
-    const c10::optional<at::Tensor>& ridx_b_in, double softcap, bool need_pz) {
-  check_logits(x, "x");
-  check_cuda(x);
+// The CUDA side of row_stats_op / grad_rows_op (ext_common.h).
+struct CudaDevice {
+  static void check(const at::Tensor& x) { check_cuda(x); }
+  static void stats(const StatsArgs& a, const at::Tensor& x);
+  static void grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out);
+};
+
+void CudaDevice::stats(const StatsArgs& a, const at::Tensor& x) {
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor R = prep_R(R_in, x);
-  const at::Tensor ridx_a = prep(ridx_a_in, at::kLong), ridx_b = prep(ridx_b_in, at::kLong);
-  TORCH_CHECK(R.size(0) > 1 || (!ridx_a.defined() && !ridx_b.defined()),
-              "fused_ls: ridx_a / ridx_b index a [C, C] R only");
-  TORCH_CHECK(R.size(0) == 1 || ridx_a.defined(), "fused_ls: a [C, C] R needs ridx_a");
-  check_rows(ridx_a, x, "ridx_a");
-  check_rows(ridx_b, x, "ridx_b");
-  auto outs = alloc_stats(x, ridx_b.defined(), need_pz);
-  auto& [m, lse, argmax, dot_a, dot_b, pz] = outs;
-  const int64_t N = x.size(0), C = x.size(1);
-  if (N == 0) return outs;
-  TORCH_CHECK(C > 0, "fused_ls: need at least one class");
+  const int64_t N = x.size(0), C = a.C;
   TORCH_CHECK(N <= INT_MAX, "fused_ls: too many rows for one launch");
   const auto acc = acc_type(x.scalar_type());
   const int64_t pack = 16 / x.element_size();
@@ -367,16 +334,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor part = at::empty({N, S, 6}, x.options().dtype(acc));
   at::Tensor part_arg = at::empty({N, S}, x.options().dtype(at::kLong));
   StatsParams p{};
-  p.x = x.const_data_ptr();
-  p.x_stride = x.stride(0);
-  p.C = C;
+  static_cast<StatsArgs&>(p) = a;
   p.slice = slice;
   p.S = static_cast<int>(S);
-  p.R = R.const_data_ptr();
-  p.ridx_a = idx_or_null(ridx_a);
-  p.ridx_b = idx_or_null(ridx_b);
-  p.softcap = softcap;
-  p.need_pz = need_pz;
   p.vec = aligned16(p.x, p.x_stride, x.element_size());
   p.part = part.data_ptr();
   p.part_arg = part_arg.data_ptr<int64_t>();
@@ -390,65 +350,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int mt = 128;
     stats_merge_kernel<acc_t><<<static_cast<unsigned>((N + mt - 1) / mt), mt, 0, stream>>>(
         part.const_data_ptr<acc_t>(), part_arg.const_data_ptr<int64_t>(), N, p.S,
-        m.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(),
-        dot_a.data_ptr<acc_t>(), ridx_b.defined() ? dot_b.data_ptr<acc_t>() : nullptr,
-        need_pz ? pz.data_ptr<acc_t>() : nullptr);
+        static_cast<acc_t*>(a.m), static_cast<acc_t*>(a.lse), a.argmax,
+        static_cast<acc_t*>(a.dot_a), static_cast<acc_t*>(a.dot_b), static_cast<acc_t*>(a.pz));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return outs;
 }
 
-void grad_rows_cuda(const at::Tensor& x, const at::Tensor& out, const at::Tensor& R,
-                    const c10::optional<at::Tensor>& ridx_a,
-                    const c10::optional<at::Tensor>& ridx_b, const at::Tensor& lse,
-                    const c10::optional<at::Tensor>& pz, const at::Tensor& coef,
-                    const c10::optional<at::Tensor>& gamma, const at::Tensor& u_a,
-                    const c10::optional<at::Tensor>& u_b, const at::Tensor& y_a,
-                    const at::Tensor& t_a, const c10::optional<at::Tensor>& y_b,
-                    const c10::optional<at::Tensor>& t_b,
-                    const c10::optional<at::Tensor>& sparse_cols,
-                    const c10::optional<at::Tensor>& sparse_mass, double softcap) {
-  check_cuda(x);
+void CudaDevice::grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out) {
   c10::cuda::CUDAGuard guard(x.device());
-  GradInputs g = prep_grad(x, out, R, ridx_a, ridx_b, lse, pz, coef, gamma, u_a, u_b, y_a, t_a,
-                           y_b, t_b, sparse_cols, sparse_mass);
-  const int64_t N = x.size(0), C = x.size(1);
-  if (N == 0 || C == 0) return;
+  const int64_t N = x.size(0), C = a.C;
   TORCH_CHECK(N <= INT_MAX, "fused_ls: too many rows for one launch");
   const int64_t pack = 16 / x.element_size();
   // About 8 packs per thread per block; many blocks per row keep the GPU busy at any N.
   const int64_t slice = round_up(std::min<int64_t>(C, kThreads * pack * 8), pack);
   const int64_t S = (C + slice - 1) / slice;
   TORCH_CHECK(S <= 65535, "fused_ls: too many classes for one launch");
-  const int nf = 1 + (g.y_b.defined() ? 1 : 0) + static_cast<int>(g.K);
+  const int nf = 1 + (a.y_b ? 1 : 0) + static_cast<int>(a.K);
   const size_t acc_size = x.scalar_type() == at::kDouble ? 8 : 4;
   const size_t smem = nf * (sizeof(int64_t) + 2 * acc_size);
-  TORCH_CHECK(smem <= 48 * 1024, "fused_ls: too many sparse-similarity neighbours (", g.K,
+  TORCH_CHECK(smem <= 48 * 1024, "fused_ls: too many sparse-similarity neighbours (", a.K,
               ") for the CUDA kernel");
   GradParams p{};
-  p.x = x.const_data_ptr();
-  p.x_stride = x.stride(0);
-  p.out = out.data_ptr();
-  p.out_stride = out.stride(0);
-  p.C = C;
+  static_cast<GradArgs&>(p) = a;
   p.slice = slice;
-  p.R = g.R.const_data_ptr();
-  p.ridx_a = g.R.size(0) > 1 ? idx_or_null(g.ridx_a) : nullptr;
-  p.ridx_b = g.R.size(0) > 1 ? idx_or_null(g.ridx_b) : nullptr;
-  p.lse = g.lse.const_data_ptr();
-  p.pz = ptr_or_null(g.pz);
-  p.coef = g.coef.const_data_ptr();
-  p.gamma = ptr_or_null(g.gamma);
-  p.u_a = g.u_a.const_data_ptr();
-  p.u_b = ptr_or_null(g.u_b);
-  p.y_a = idx_or_null(g.y_a);
-  p.t_a = g.t_a.const_data_ptr();
-  p.y_b = idx_or_null(g.y_b);
-  p.t_b = ptr_or_null(g.t_b);
-  p.sp_cols = idx_or_null(g.cols);
-  p.sp_mass = ptr_or_null(g.mass);
-  p.K = g.K;
-  p.softcap = softcap;
   p.vec = aligned16(p.x, p.x_stride, x.element_size()) &&
           aligned16(p.out, p.out_stride, x.element_size());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -464,6 +388,6 @@ void grad_rows_cuda(const at::Tensor& x, const at::Tensor& out, const at::Tensor
 }  // namespace fused_ls
 
 TORCH_LIBRARY_IMPL(fused_ls, CUDA, m) {
-  m.impl("ext_row_stats", &fused_ls::cuda_impl::row_stats_cuda);
-  m.impl("ext_grad_rows", &fused_ls::cuda_impl::grad_rows_cuda);
+  m.impl("ext_row_stats", &fused_ls::row_stats_op<fused_ls::cuda_impl::CudaDevice>);
+  m.impl("ext_grad_rows", &fused_ls::grad_rows_op<fused_ls::cuda_impl::CudaDevice>);
 }
