@@ -10,7 +10,10 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements-dev.txt setup.py pyproject.toml
+# The extension is rebuilt when any csrc/ source changes.
+CSRC    := $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+
+$(STAMP): requirements-dev.txt setup.py pyproject.toml $(CSRC)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements-dev.txt
