@@ -27,18 +27,13 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends import GradTerms
+from .backends import GradTerms, acc_dtype
 
 # Column layout of the per-row coefficient pack saved for backward.
 COEF, GAMMA, U_A, U_B, T_A, T_B = range(6)
 N_COEFS = 6
 
 ADAPTIVE_MODES = {None: 0, "max": 1, "target": 2}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulate in fp32 whatever the input dtype; fp64 inputs stay fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def capped(x: Tensor, softcap: float, acc: torch.dtype) -> Tensor:

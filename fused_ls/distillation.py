@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._api import label_smoothing_cross_entropy
+from .backends import acc_dtype
 
 __all__ = ["distillation_loss", "kl_divergence_rows"]
 
@@ -51,7 +52,7 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, valid: Tensor, inv_t: float, chunk: int) -> Tensor:
-        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(s.dtype)
         N = s.shape[0]
         kl = torch.zeros(N, dtype=acc, device=s.device)
         for i0 in range(0, N, chunk):

@@ -42,6 +42,13 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the contract: fp32 whatever the input dtype; fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 ENV_VAR = "FUSED_LS_BACKEND"
 
 

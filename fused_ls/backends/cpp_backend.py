@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import Backend, Request, RowStats, register
+from . import Backend, Request, RowStats, acc_dtype, register
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _state: dict[str, object] = {}
@@ -53,7 +53,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_ls::ext_row_stats")
     def _(x, R, ridx_a, ridx_b, softcap, need_pz):
         n = x.shape[0]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         row = lambda k=n: x.new_empty(k, dtype=acc)  # noqa: E731
         return (
             row(),

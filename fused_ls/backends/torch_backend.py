@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Backend, GradTerms, RowStats, register
+from . import Backend, GradTerms, RowStats, acc_dtype, register
 
 # Elements per chunk: 2**19 fp32 values = 2 MiB per workspace buffer, so that the several
 # passes over a chunk mostly hit the cache. Measured on the 2-core CPU at N=4096, C=32000 fp32
@@ -19,10 +19,6 @@ from . import Backend, GradTerms, RowStats, register
 # (64 MiB of fp32 per buffer), still a small fraction of the N×C logits this path is meant for.
 CHUNK_ELEMS = 1 << 19
 CUDA_CHUNK_FACTOR = 32
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(n: int, c: int, device: torch.device):
@@ -76,7 +72,7 @@ class TorchBackend(Backend):
 
     def row_stats(self, x, R, ridx_a, ridx_b, softcap, need_pz):
         n, c = x.shape
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         out = {k: torch.empty(n, dtype=acc, device=x.device) for k in ("m", "lse", "dot_a")}
         out["argmax"] = torch.empty(n, dtype=torch.int64, device=x.device)
         if ridx_b is not None:
@@ -131,7 +127,7 @@ class TorchBackend(Backend):
         softcap,
     ):
         n, c = x.shape
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         single = R.shape[0] == 1
         const = _constant_row(R)
         # Work directly in `out` when it already holds the accumulation dtype and nothing needs
