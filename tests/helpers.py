@@ -65,8 +65,13 @@ def check_backend(
             _within(ours_g, ref_g, factor * _err(pt_g, ref_g) + atol * 0.1, "grad")
     else:
         rtol, atol = TOL[dtype]
+        # The loss combines terms of the size of the logits (M·lse − ⟨r ⊙ w, z⟩ and lse − z_y),
+        # so its achievable absolute error grows with max|z| (a loss of exactly 0 from logits of
+        # ~92 in fp32 comes out as ~1 ulp(92)); the gradient is made of probabilities and is not.
+        finite = logits[torch.isfinite(logits)]
+        scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
         torch.testing.assert_close(
-            ours_l, ref_l.to(ours_l.dtype), rtol=rtol, atol=atol, equal_nan=True
+            ours_l, ref_l.to(ours_l.dtype), rtol=rtol, atol=atol * scale, equal_nan=True
         )
         if grad:
             torch.testing.assert_close(
