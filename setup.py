@@ -1,12 +1,12 @@
-"""Build script. The compiled extensions (csrc/) are optional: a missing compiler never breaks
+"""Build script. The compiled extensions (fused_ls/csrc/) are optional: a missing compiler never breaks
 `pip install` or `import fused_ls`; the pure-torch backend then serves.
 
 What gets built, as the extension module ``fused_ls._C``:
 
-- always (when a C++ compiler and torch's headers are usable): the CPU kernels (csrc/cpu), the
+- always (when a C++ compiler and torch's headers are usable): the CPU kernels (fused_ls/csrc/cpu), the
   row loops compiled once per instruction set on x86-64 (baseline, AVX2+FMA, AVX-512; the widest
   the CPU supports is picked at run time, $FUSED_LS_CPU_ISA forces one); baseline only elsewhere;
-- the CUDA kernels (csrc/cuda) too, when torch is a CUDA build and nvcc is found ($CUDA_HOME, or
+- the CUDA kernels (fused_ls/csrc/cuda) too, when torch is a CUDA build and nvcc is found ($CUDA_HOME, or
   nvcc on PATH; $TORCH_CUDA_ARCH_LIST picks the GPU architectures).
 
 Environment: FUSED_LS_NO_EXT=1 skips the extension; FUSED_LS_NO_CUDA=1 builds the CPU part only;
@@ -29,7 +29,7 @@ STRICT = os.environ.get("FUSED_LS_STRICT_BUILD") == "1"
 DEBUG = os.environ.get("DEBUG") == "1"
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and sys.platform != "win32"
 
-# Extra compiler flags of the per-ISA kernel translation units (csrc/cpu/kernel_<isa>.cpp); the
+# Extra compiler flags of the per-ISA kernel translation units (fused_ls/csrc/cpu/kernel_<isa>.cpp); the
 # rest of the extension is compiled with the baseline flags.
 ISA_FLAGS = {
     "kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
@@ -90,7 +90,7 @@ def _extensions():
         )
         return [], {}
 
-    cpu_dir = os.path.join("csrc", "cpu")
+    cpu_dir = os.path.join("fused_ls", "csrc", "cpu")
     # Baseline kernel and the dispatcher first: the linker keeps the first copy of any inline
     # function the translation units share, which must be the baseline one (see kernel_impl.h).
     sources = [os.path.join(cpu_dir, "ops.cpp"), os.path.join(cpu_dir, "kernel_default.cpp")]
@@ -104,7 +104,7 @@ def _extensions():
         sources += [os.path.join(cpu_dir, f) for f in ISA_FLAGS]
         cxx += ["-DFUSED_LS_HAVE_AVX2", "-DFUSED_LS_HAVE_AVX512"]
     # headers: rebuild when they change, and ship them in an sdist
-    depends = [os.path.join("csrc", h) for h in ("rowmath.h", "ext_common.h")] + [
+    depends = [os.path.join("fused_ls", "csrc", h) for h in ("rowmath.h", "ext_common.h")] + [
         os.path.join(cpu_dir, h) for h in ("args.h", "kernel_impl.h")
     ]
     link = []
@@ -121,7 +121,7 @@ def _extensions():
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home
         ce.CUDA_HOME = cuda_home  # resolved at import time from PATH; a wrapper script misleads it
-        sources.append(os.path.join("csrc", "cuda", "kernels.cu"))
+        sources.append(os.path.join("fused_ls", "csrc", "cuda", "kernels.cu"))
         nvcc = ["-O0", "-g", "-G"] if DEBUG else ["-O3", "-lineinfo"]
         ext = ce.CUDAExtension(
             "fused_ls._C",

@@ -1,4 +1,5 @@
-"""Compiled C++ CPU backend (``backend="cpp"``): csrc/cpu, math shared with CUDA in csrc/rowmath.h.
+"""Compiled C++ CPU backend (``backend="cpp"``): fused_ls/csrc/cpu, math shared with CUDA in
+fused_ls/csrc/rowmath.h.
 
 The extension module ``fused_ls._C`` is loaded lazily, the first time a backend is looked up, and
 registers the kernel-level ops ``fused_ls::ext_row_stats`` / ``fused_ls::ext_grad_rows`` (CPU, and
