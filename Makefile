@@ -65,7 +65,7 @@ cuda-check: $(CUDA_VENV)/.installed
 	    --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
 	$(CUDA_VENV)/bin/python -c "import glob, torch; \
 	torch.ops.load_library(glob.glob('build/cuda-check/lib/fused_ls/_C*.so')[0]); \
-	ok = torch._C._dispatch_has_kernel_for_dispatch_key('fused_ls::ext_grad_rows', 'CUDA'); \
+	ok = torch._C._dispatch_has_kernel_for_dispatch_key('fused_ls::ext_forward', 'CUDA'); \
 	assert ok, 'CUDA kernels not registered'; print('cuda-check: CUDA kernels compiled and registered')"
 
 # Triton kernels: compile every specialisation ahead of time for sm_90 and sm_80 (no GPU needed).

@@ -104,9 +104,9 @@ def _extensions():
         sources += [os.path.join(cpu_dir, f) for f in ISA_FLAGS]
         cxx += ["-DFUSED_LS_HAVE_AVX2", "-DFUSED_LS_HAVE_AVX512"]
     # headers: rebuild when they change, and ship them in an sdist
-    depends = [os.path.join("fused_ls", "csrc", h) for h in ("rowmath.h", "ext_common.h")] + [
-        os.path.join(cpu_dir, h) for h in ("args.h", "kernel_impl.h")
-    ]
+    depends = [
+        os.path.join("fused_ls", "csrc", h) for h in ("rowmath.h", "ext_common.h", "args.h")
+    ] + [os.path.join(cpu_dir, "kernel_impl.h")]
     link = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is inlined into our code: without OpenMP it would run on one thread

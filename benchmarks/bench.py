@@ -101,7 +101,7 @@ def methods(device: torch.device, dtype: torch.dtype, V: int, with_compile: bool
     out = [("torch eager", eager, False)]
     if with_compile:
         out.append(("torch.compile", torch.compile(eager), False))
-    req = Request(device.type, dtype, V, False, False)
+    req = Request(device.type, dtype, False, False)
     for b in fused_ls.BACKEND_NAMES:
         if reasons_for(b, req):
             continue

@@ -192,7 +192,7 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
             methods = [("eager F.cross_entropy", eager_ce, False)]
             compiled = torch.compile(eager_ce, dynamic=False)
             methods.append(("torch.compile(F.cross_entropy)", compiled, False))
-            req = Request("cuda", dtype, vocab, False, False)
+            req = Request("cuda", dtype, False, False)
             names = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
             for b in names:
                 methods.append((f"fused_ls[{b}]", fused(b, False), False))

@@ -13,9 +13,7 @@ from fused_ls.backends import Request, reasons_for
 
 N, V = 1024, 32000
 BACKENDS = [
-    b
-    for b in ("torch", "cpp")
-    if not reasons_for(b, Request("cpu", torch.float32, V, False, False))
+    b for b in ("torch", "cpp") if not reasons_for(b, Request("cpu", torch.float32, False, False))
 ]
 
 

@@ -2,141 +2,49 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops, backends
+from . import _smoothing, backends
+from ._ops import LossFunction
+from ._options import (
+    ConfidenceAdaptive,
+    LossOptions,
+    SparseSimilarity,
+    Stats,
+    class_indices,
+    parse_options,
+)
+from ._problem import P_ARG, P_CONF, P_LSE, Problem, argmax_bits_dtype
 
-REDUCTIONS = ("none", "mean", "sum")
+__all__ = [
+    "ConfidenceAdaptive",
+    "FusedLabelSmoothingCE",
+    "SparseSimilarity",
+    "Stats",
+    "label_smoothing_cross_entropy",
+]
 
 
-class Stats(NamedTuple):
-    """Row statistics from the same pass as the loss, each of the target's shape (detached)."""
-
-    lse: Tensor  #: log-sum-exp of the (soft-capped) logits
-    confidence: Tensor  #: max softmax probability
-    prediction: Tensor  #: argmax class (int64)
-
-
-class ConfidenceAdaptive:
-    """Per-sample adaptive smoothing: ε_i ← min(1, ε_i·factor) where the row's detached confidence
-    is below ``threshold``. ``confidence="max"`` uses the max softmax probability, ``"target"``
-    the probability of the target class. No gradient flows through ε_i."""
-
-    def __init__(self, threshold: float = 0.8, factor: float = 2.0, confidence: str = "max"):
-        if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
-            raise ValueError(f"ConfidenceAdaptive: threshold must be in [0, 1], got {threshold!r}")
-        if not (isinstance(factor, (int, float)) and _finite(factor) and factor >= 0):
-            raise ValueError(f"ConfidenceAdaptive: factor must be finite and >= 0, got {factor!r}")
-        if confidence not in ("max", "target"):
-            raise ValueError(
-                f"ConfidenceAdaptive: confidence must be 'max' or 'target', got {confidence!r}"
-            )
-        self.threshold = float(threshold)
-        self.factor = float(factor)
-        self.confidence = confidence
-
-    def __repr__(self) -> str:
-        return (
-            f"ConfidenceAdaptive(threshold={self.threshold}, factor={self.factor}, "
-            f"confidence={self.confidence!r})"
+def _soft_target_loss(logits, target, opts: LossOptions):
+    used = [
+        name
+        for name, on in (
+            ("per-sample smoothing", opts.smoothing_rows is not None),
+            ("similarity", opts.similarity is not None or opts.sparse is not None),
+            ("adaptive", opts.adaptive is not None),
+            ("z_loss", opts.z_loss != 0),
+            ("softcap", opts.softcap != 0),
+            ("confidence_penalty", opts.confidence_penalty != 0),
+            ("mix_target", opts.mix_target is not None),
+            ("return_stats", opts.return_stats),
+            ("process_group", opts.process_group is not None),
         )
-
-
-class SparseSimilarity:
-    """A sparse class-similarity matrix: for each class c, ``k`` neighbour ids ``indices[c]``
-    (-1 = padding) with non-negative weights ``values[c]``. Rows are normalised to sum 1 at
-    construction (validation happens once, here, not on the training hot path).
-
-    Args:
-        indices: int tensor [C, k], entries in [-1, C).
-        values: float tensor [C, k], finite and >= 0; each row must have positive mass.
-    """
-
-    def __init__(self, indices: Tensor, values: Tensor):
-        if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.is_floating_point():
-            raise ValueError("SparseSimilarity: indices must be an integer tensor of shape [C, k]")
-        if (
-            not isinstance(values, Tensor)
-            or values.shape != indices.shape
-            or not values.is_floating_point()
-        ):
-            raise ValueError(
-                f"SparseSimilarity: values must be a float tensor of indices' shape "
-                f"{tuple(indices.shape)}, got "
-                f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}"
-            )
-        if values.device != indices.device:
-            raise ValueError("SparseSimilarity: indices and values must be on the same device")
-        C = indices.shape[0]
-        idx = indices.long()
-        if bool(((idx < -1) | (idx >= C)).any()):
-            raise ValueError(f"SparseSimilarity: indices must lie in [-1, {C}) (-1 = padding)")
-        # normalised in float64 once; the op rounds to its accumulation dtype
-        vals = torch.where(idx >= 0, values.double(), 0)
-        if not bool(torch.isfinite(vals).all()) or bool((vals < 0).any()):
-            raise ValueError("SparseSimilarity: values must be finite and non-negative")
-        sums = vals.sum(1, keepdim=True)
-        if bool((sums <= 0).any()):
-            row = int((sums[:, 0] <= 0).nonzero()[0, 0])
-            raise ValueError(f"SparseSimilarity: row {row} has no positive weight")
-        self.indices = idx.contiguous()
-        self.values = (vals / sums).contiguous()
-
-    @property
-    def num_classes(self) -> int:
-        return self.indices.shape[0]
-
-    @classmethod
-    def from_dense(cls, similarity: Tensor, k: int) -> SparseSimilarity:
-        """Keep the k largest entries of each row of a dense [C, C] similarity."""
-        vals, idx = similarity.topk(k, dim=1)
-        return cls(idx, vals)
-
-    def to(self, device) -> SparseSimilarity:
-        out = object.__new__(SparseSimilarity)
-        out.indices, out.values = self.indices.to(device), self.values.to(device)
-        return out
-
-    def __repr__(self) -> str:
-        return f"SparseSimilarity(num_classes={self.num_classes}, k={self.indices.shape[1]})"
-
-
-def _is_real_scalar(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    # written without math.isfinite so that torch.compile(dynamic=True) can trace symbolic floats
-    return v - v == 0
-
-
-def _unit_interval(name: str, v) -> float:
-    if not _is_real_scalar(v) or not (0.0 <= v <= 1.0):  # NaN fails the comparison
-        raise ValueError(
-            f"{name} must be a float in [0, 1] or a tensor of the target's shape, got {v!r}"
-        )
-    return float(v)
-
-
-def _per_sample(name: str, v: Tensor, target_shape, device) -> Tensor:
-    if tuple(v.shape) != tuple(target_shape):
-        raise ValueError(
-            f"{name} tensor must have the target's shape {tuple(target_shape)}, "
-            f"got {tuple(v.shape)}"
-        )
-    if not v.is_floating_point():
-        raise ValueError(f"{name} tensor must be floating point, got {v.dtype}")
-    if v.device != device:
-        raise ValueError(f"{name} is on {v.device} but logits are on {device}")
-    return v.detach().reshape(-1)
-
-
-def _soft_target_loss(logits, target, smoothing, weight, reduction, extras):
-    used = [k for k, v in extras.items() if v]
+        if on
+    ]
     if used:
         raise ValueError(
             "probability (float) targets follow F.cross_entropy exactly and do not "
@@ -148,7 +56,11 @@ def _soft_target_loss(logits, target, smoothing, weight, reduction, extras):
             f"got {tuple(target.shape)}"
         )
     return F.cross_entropy(
-        logits, target, weight=weight, reduction=reduction, label_smoothing=smoothing
+        logits,
+        target,
+        weight=opts.weight,
+        reduction=opts.reduction,
+        label_smoothing=opts.smoothing,
     )
 
 
@@ -200,6 +112,94 @@ def label_smoothing_cross_entropy(
     Returns:
         the loss (fp32; fp64 for fp64 logits), and ``Stats`` if ``return_stats``.
     """
+    opts = parse_options(
+        smoothing,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        similarity=similarity,
+        similarity_mix=similarity_mix,
+        adaptive=adaptive,
+        z_loss=z_loss,
+        softcap=softcap,
+        confidence_penalty=confidence_penalty,
+        mix_target=mix_target,
+        mix_lambda=mix_lambda,
+        return_stats=return_stats,
+        backend=backend,
+        inplace_backward=inplace_backward,
+    )
+    return loss_with_options(logits, target, opts)
+
+
+def _rows(logits: Tensor, target: Tensor) -> tuple[Tensor, int]:
+    """The logits as [N, C] rows with the classes last, and C; checks the target's shape."""
+    d = logits.dim()
+    if d == 0:
+        raise ValueError("logits must have at least 1 dimension (the classes)")
+    C = logits.shape[1] if d >= 2 else logits.shape[0]
+    if d == 2:
+        x, expected = logits, logits.shape[:1]
+    elif d == 1:
+        x, expected = logits[None, :], ()
+    else:
+        x, expected = logits.movedim(1, -1).reshape(-1, C), logits.shape[:1] + logits.shape[2:]
+    if target.shape != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape "
+            f"{tuple(logits.shape)}: expected {tuple(expected)}"
+        )
+    if C == 0:
+        raise ValueError("logits must have at least one class (dim 1 has size 0)")
+    if x.stride(-1) != 1 and C > 1:
+        x = x.contiguous()
+    return x, C
+
+
+def make_problem(
+    opts: LossOptions,
+    target: Tensor,
+    target_shape,
+    acc: torch.dtype,
+    device_like: Tensor,
+    num_classes: int,
+    col_offset: int = 0,
+) -> Problem:
+    """The ``Problem`` of these options for class-index targets (any shape, flattened here)."""
+    dev = device_like.device
+    w, eps_rows, dense, sp_idx, sp_val, mix_y, mix_rows = opts.bind(num_classes, target_shape, dev)
+    sm = _smoothing.prepare_traceable(
+        w, dense, sp_idx, sp_val, opts.similarity_mix, num_classes, acc, device_like
+    )
+    return Problem(
+        class_indices("target", target),
+        sm.weight,
+        sm.R,
+        sm.mass,
+        sm.sp_idx,
+        sm.sp_val,
+        eps_rows,
+        mix_y,
+        mix_rows,
+        sm.r0,
+        *opts.scalars(),
+        col_offset,
+        num_classes,
+        opts.return_stats,
+    )
+
+
+def stats_from_pack(pack: Tensor, shape) -> Stats:
+    """``Stats`` (lse, confidence, prediction) of the target's shape from a row pack."""
+    n = pack.shape[0] - 1
+    arg = pack.view(argmax_bits_dtype(pack.dtype))[:n, P_ARG].long()
+    return Stats(
+        pack[:n, P_LSE].reshape(shape), pack[:n, P_CONF].reshape(shape), arg.reshape(shape)
+    )
+
+
+def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
+    """The loss of ``label_smoothing_cross_entropy`` for already-parsed options."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(
             "logits must be a floating-point tensor, got "
@@ -207,161 +207,114 @@ def label_smoothing_cross_entropy(
         )
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    eps_t = smoothing if isinstance(smoothing, Tensor) else None
-    smoothing = 0.0 if eps_t is not None else _unit_interval("smoothing", smoothing)
-    if weight is not None:
-        if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
-            raise ValueError("weight must be a 1-D floating-point tensor of C class weights")
-    if logits.dim() == 0:
-        raise ValueError("logits must have at least 1 dimension (the classes)")
-
     if target.is_floating_point():
-        return _soft_target_loss(
-            logits,
-            target,
-            smoothing if eps_t is None else eps_t,
-            weight,
-            reduction,
-            {
-                "per-sample smoothing": eps_t is not None,
-                "similarity": similarity is not None,
-                "adaptive": adaptive is not None,
-                "z_loss": z_loss != 0,
-                "softcap": softcap is not None,
-                "confidence_penalty": confidence_penalty != 0,
-                "mix_target": mix_target is not None,
-                "return_stats": return_stats,
-            },
-        )
-
-    C = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
-    if logits.dim() == 1:
-        expected = ()
-        x = logits[None, :]
-    elif logits.dim() == 2:
-        expected = logits.shape[:1]
-        x = logits
-    else:
-        expected = logits.shape[:1] + logits.shape[2:]
-        x = logits.movedim(1, -1).reshape(-1, C)
-    if tuple(target.shape) != tuple(expected):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match logits shape "
-            f"{tuple(logits.shape)}: expected {tuple(expected)}"
-        )
-    if C == 0:
-        raise ValueError("logits must have at least one class (dim 1 has size 0)")
+        return _soft_target_loss(logits, target, opts)
+    x, C = _rows(logits, target)
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"class-index targets must be an integer tensor, got {target.dtype}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = target.reshape(-1).long()
-    dev = logits.device
-
-    if weight is not None:
-        if weight.shape[0] != C:
-            raise ValueError(f"weight must have C={C} elements, got {weight.shape[0]}")
-        if weight.device != dev:
-            raise ValueError(f"weight is on {weight.device} but logits are on {dev}")
-    eps_rows = _per_sample("smoothing", eps_t, target.shape, dev) if eps_t is not None else None
-
-    dense = sparse = None
-    if isinstance(similarity, SparseSimilarity):
-        if similarity.num_classes != C:
-            raise ValueError(f"similarity has {similarity.num_classes} classes, logits have {C}")
-        sparse = similarity if similarity.indices.device == dev else similarity.to(dev)
-    elif isinstance(similarity, Tensor):
-        if tuple(similarity.shape) != (C, C):
-            raise ValueError(
-                f"similarity must be [C, C] = [{C}, {C}], got {tuple(similarity.shape)}"
-            )
-        if similarity.device != dev:
-            raise ValueError(f"similarity is on {similarity.device} but logits are on {dev}")
-        dense = similarity.detach()
-    elif similarity is not None:
-        raise TypeError(
-            "similarity must be None, a [C, C] tensor or SparseSimilarity, got "
-            f"{type(similarity).__name__}"
-        )
-    beta = _unit_interval("similarity_mix", similarity_mix)
-    if adaptive is not None and not isinstance(adaptive, ConfidenceAdaptive):
-        raise TypeError(
-            f"adaptive must be None or ConfidenceAdaptive, got {type(adaptive).__name__}"
-        )
-    for name, v in (("z_loss", z_loss), ("confidence_penalty", confidence_penalty)):
-        if not _is_real_scalar(v) or not _finite(v):
-            raise ValueError(f"{name} must be a finite float, got {v!r}")
-    if softcap is not None and not (_is_real_scalar(softcap) and _finite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
-
-    mix_y = mix_rows = None
-    mix_scalar = 1.0
-    if mix_target is not None:
-        if (
-            not isinstance(mix_target, Tensor)
-            or tuple(mix_target.shape) != tuple(target.shape)
-            or mix_target.is_floating_point()
-        ):
-            raise ValueError(
-                f"mix_target must be an integer tensor of the target's shape {tuple(target.shape)}"
-            )
-        if mix_target.device != dev:
-            raise ValueError(f"mix_target is on {mix_target.device} but logits are on {dev}")
-        if mix_lambda is None:
-            raise ValueError("mix_lambda is required with mix_target")
-        mix_y = mix_target.reshape(-1).long()
-        if isinstance(mix_lambda, Tensor):
-            mix_rows = _per_sample("mix_lambda", mix_lambda, target.shape, dev)
-        else:
-            mix_scalar = _unit_interval("mix_lambda", mix_lambda)
-    elif mix_lambda is not None:
-        raise ValueError("mix_lambda given without mix_target")
-
-    req = backends.Request(dev.type, logits.dtype, C, dense is not None, sparse is not None)
-    chosen = backends.resolve(backend, req)
-    outs = torch.ops.fused_ls.forward(
-        x,
-        y,
-        weight,
-        eps_rows,
-        dense,
-        sparse.indices if sparse is not None else None,
-        sparse.values if sparse is not None else None,
-        mix_y,
-        mix_rows,
-        smoothing,
-        beta,
-        int(ignore_index),
-        adaptive.threshold if adaptive else 0.0,
-        adaptive.factor if adaptive else 1.0,
-        _ops.ADAPTIVE_MODES[adaptive.confidence if adaptive else None],
-        float(z_loss),
-        float(softcap or 0.0),
-        float(confidence_penalty),
-        mix_scalar,
-        chosen,
-        bool(inplace_backward),
+    req = backends.Request(
+        x.device.type, x.dtype, opts.similarity is not None, opts.sparse is not None
     )
-    loss_rows, row_w, lse, conf, pred = outs[:5]
-    if reduction == "none":
-        loss = loss_rows.reshape(target.shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / row_w.detach().sum()
-    if not return_stats:
+    chosen = backends.resolve(opts.backend, req)
+    acc = backends.acc_dtype(x.dtype)
+    p = make_problem(opts, target, target.shape, acc, x, C)
+    loss, pack = LossFunction.apply(x, chosen, opts.inplace_backward, *p)
+    if opts.reduction == "none" and loss.shape != target.shape:
+        loss = loss.reshape(target.shape)
+    if not opts.return_stats:
         return loss
-    shape = target.shape
-    return loss, Stats(
-        lse.detach().reshape(shape), conf.detach().reshape(shape), pred.reshape(shape)
-    )
+    return loss, stats_from_pack(pack.detach(), target.shape)
 
 
-class FusedLabelSmoothingCE(nn.Module):
+# Keywords the module forms take at construction (besides smoothing, weight, ignore_index,
+# reduction); per-call tensors (per-sample ε, mixup) are arguments of forward.
+MODULE_KEYWORDS = frozenset(
+    {
+        "similarity",
+        "similarity_mix",
+        "adaptive",
+        "z_loss",
+        "softcap",
+        "confidence_penalty",
+        "inplace_backward",
+        "return_stats",
+        "backend",
+        "process_group",
+    }
+)
+
+
+class OptionsModule(nn.Module):
+    """The options of a loss module: parsed once at construction, class weights and a dense
+    similarity held as buffers (so that ``.to(device)`` moves them), ``smoothing`` settable
+    between steps (schedules) and validated when set."""
+
+    def __init__(self, smoothing, weight, ignore_index, reduction, extra: frozenset, kwargs):
+        super().__init__()
+        unknown = set(kwargs) - MODULE_KEYWORDS - extra
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword(s) {sorted(unknown)}")
+        if isinstance(smoothing, Tensor):
+            raise ValueError(
+                "smoothing must be a float in [0, 1]; pass a per-sample tensor to forward"
+            )
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k not in MODULE_KEYWORDS}
+        opts = parse_options(
+            smoothing, weight=weight, ignore_index=ignore_index, reduction=reduction, **kwargs
+        )
+        self.register_buffer("weight", weight)
+        self.register_buffer("similarity", opts.similarity)
+        self._opts = opts
+        self._own = own
+
+    @property
+    def smoothing(self) -> float:
+        return self._opts.smoothing
+
+    @smoothing.setter
+    def smoothing(self, value: float) -> None:
+        if isinstance(value, Tensor):
+            raise ValueError("smoothing must be a float in [0, 1]; pass tensors to forward")
+        self._opts = self._opts.replace(smoothing=value)
+
+    @property
+    def ignore_index(self) -> int:
+        return self._opts.ignore_index
+
+    @property
+    def reduction(self) -> str:
+        return self._opts.reduction
+
+    def options(self, smoothing=None, mix_target=None, mix_lambda=None) -> LossOptions:
+        """The options of one call: the module's, with its current buffers and the call's
+        per-sample overrides."""
+        opts = self._opts
+        if opts.weight is not self.weight or opts.similarity is not self.similarity:
+            opts = self._opts = dataclasses.replace(
+                opts, weight=self.weight, similarity=self.similarity
+            )
+        over = {}
+        if smoothing is not None:
+            over["smoothing"] = smoothing
+        if mix_target is not None or mix_lambda is not None:
+            over.update(mix_target=mix_target, mix_lambda=mix_lambda)
+        return opts.replace(**over) if over else opts
+
+    def extra_repr(self) -> str:
+        o = self._opts
+        out = f"smoothing={o.smoothing}, ignore_index={o.ignore_index}, reduction={o.reduction!r}"
+        defaults = LossOptions()
+        for name in ("similarity_mix", "adaptive", "z_loss", "softcap", "confidence_penalty"):
+            if getattr(o, name) != getattr(defaults, name):
+                out += f", {name}={getattr(o, name)!r}"
+        if o.sparse is not None:
+            out += f", similarity={o.sparse!r}"
+        if o.backend != "auto":
+            out += f", backend={o.backend!r}"
+        return out + "".join(f", {k}={v!r}" for k, v in self._own.items())
+
+
+class FusedLabelSmoothingCE(OptionsModule):
     """Drop-in for ``nn.CrossEntropyLoss(label_smoothing=...)``; see
     ``label_smoothing_cross_entropy`` for every keyword.
 
@@ -378,34 +331,7 @@ class FusedLabelSmoothingCE(nn.Module):
         reduction: str = "mean",
         **kwargs,
     ):
-        super().__init__()
-        _unit_interval("smoothing", smoothing)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        allowed = {
-            "similarity",
-            "similarity_mix",
-            "adaptive",
-            "z_loss",
-            "softcap",
-            "confidence_penalty",
-            "inplace_backward",
-            "return_stats",
-            "backend",
-        }
-        unknown = set(kwargs) - allowed
-        if unknown:
-            raise TypeError(f"FusedLabelSmoothingCE got unexpected keyword(s) {sorted(unknown)}")
-        self.smoothing = float(smoothing)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.register_buffer("weight", weight)
-        sim = kwargs.pop("similarity", None)
-        if isinstance(sim, Tensor):
-            self.register_buffer("similarity", sim)
-        else:
-            self.similarity = sim
-        self.options = kwargs
+        super().__init__(smoothing, weight, ignore_index, reduction, frozenset(), kwargs)
 
     def forward(
         self,
@@ -415,22 +341,4 @@ class FusedLabelSmoothingCE(nn.Module):
         mix_target: Tensor | None = None,
         mix_lambda: float | Tensor | None = None,
     ):
-        return label_smoothing_cross_entropy(
-            logits,
-            target,
-            self.smoothing if smoothing is None else smoothing,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            similarity=self.similarity,
-            mix_target=mix_target,
-            mix_lambda=mix_lambda,
-            **self.options,
-        )
-
-    def extra_repr(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return (
-            f"smoothing={self.smoothing}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}{opts}"
-        )
+        return loss_with_options(logits, target, self.options(smoothing, mix_target, mix_lambda))

@@ -32,7 +32,7 @@ def available_cpu_backends() -> list[str]:
 
 
 def _cpu_req():
-    return fused_ls.backends.Request("cpu", torch.float32, 8, False, False)
+    return fused_ls.backends.Request("cpu", torch.float32, False, False)
 
 
 def loss_and_grad(fn, logits, target, **kw):
@@ -90,3 +90,15 @@ def _within(ours, ref, tol, what):
     same_nan = torch.equal(torch.isnan(ours.double()), torch.isnan(ref.double()))
     assert same_nan, f"{what}: NaN pattern differs from the reference"
     assert err <= tol, f"{what}: max error {err:.3g} > allowed {tol:.3g}"
+
+
+def problem(x: torch.Tensor, target: torch.Tensor, num_classes=None, col_offset=0, **kw):
+    """The ``Problem`` (fused_ls._problem) of the keywords ``kw`` for logits x [N, C] that hold
+    the columns [col_offset, col_offset + C) of ``num_classes`` (default: all of them)."""
+    from fused_ls._api import make_problem
+    from fused_ls._options import parse_options
+
+    opts = parse_options(**kw)
+    C = num_classes if num_classes is not None else x.shape[1]
+    acc = fused_ls.backends.acc_dtype(x.dtype)
+    return make_problem(opts, target, target.shape, acc, x, C, col_offset)

@@ -24,7 +24,7 @@ def _backends() -> list[str]:
     env = os.environ.get("FUSED_LS_TEST_BACKENDS")
     if env:
         return env.split(",")
-    req = Request(DEV.type, torch.float32, 8, False, False)
+    req = Request(DEV.type, torch.float32, False, False)
     names = [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
     if DEV.type == "cpu":
         names = [b for b in names if b != "triton"]
@@ -329,7 +329,7 @@ def test_module_matches_function(backend):
 
 def test_auto_backend_and_env_override(monkeypatch):
     x, y, _ = _problem(4, 5, torch.float32)
-    req = Request(DEV.type, torch.float32, 5, False, False)
+    req = Request(DEV.type, torch.float32, False, False)
     monkeypatch.setenv("FUSED_LS_BACKEND", "torch")
     assert fused_ls.backends.resolve("auto", req) == "torch"
     monkeypatch.setenv("FUSED_LS_BACKEND", "nope")

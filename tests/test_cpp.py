@@ -1,4 +1,5 @@
-"""The compiled C++ CPU backend (``backend="cpp"``, fused_ls/csrc/cpu) against the float64 dense reference.
+"""The compiled C++ CPU backend (``backend="cpp"``, fused_ls/csrc/cpu) against the float64 dense
+reference.
 
 Every mode of the op contract, every dtype, sizes chosen to hit the kernel's edges, every compiled
 instruction-set path, and thread-count independence. ``MODES`` and ``make_case`` are reused by
@@ -11,10 +12,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import TOL, check_backend, loss_and_grad
+from helpers import TOL, check_backend, loss_and_grad, problem
 
 import fused_ls
 from fused_ls import ConfidenceAdaptive, SparseSimilarity, reference
+from fused_ls._problem import S_ARG, S_D, S_M
 from fused_ls.backends import reasons_for
 
 CPP_WHY = reasons_for("cpp", None)
@@ -198,19 +200,9 @@ def test_nan_rows(dtype):
     assert torch.isnan(loss[2]) and torch.isnan(loss[3]) and torch.isfinite(loss[[0, 4]]).all()
 
 
-def _row_stats(backend, x, **kw):
-    R = torch.full(
-        (1, x.shape[1]),
-        1.0 / x.shape[1],
-        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-    )
-    return fused_ls.backends.get(backend).row_stats(
-        x, R, None, None, kw.get("softcap", 0.0), kw.get("need_pz", True)
-    )
-
-
 @needs_cpp
-def test_row_stats_argmax_rules():
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_row_stats_argmax_rules(backend):
     # first maximal index (ties across chunks too), first NaN, all −inf row: as torch.max
     C = 5000
     x = torch.randn(6, C)
@@ -221,15 +213,17 @@ def test_row_stats_argmax_rules():
     x[2] = float("-inf")
     x[3, :] = 0.0  # all equal: index 0
     x[4, 4999] = 1e9  # the very last column (a tail lane)
-    ours = _row_stats("cpp", x)
+    y = torch.zeros(6, dtype=torch.long)
+    stats = fused_ls.backends.get(backend).row_stats(x, problem(x, y, return_stats=True))
+    m, d = stats[:, S_M], stats[:, S_D]
+    arg = stats.view(torch.int32)[:, S_ARG].long()
     ref = torch.max(x, dim=1)
-    assert torch.equal(ours.argmax, ref.indices)
-    torch.testing.assert_close(ours.m, ref.values, equal_nan=True)
+    assert torch.equal(arg, ref.indices)
+    torch.testing.assert_close(m, ref.values, equal_nan=True)
+    lse = m + torch.log(d)
     ok = torch.tensor([0, 3, 4, 5])
-    ref_lse = torch.logsumexp(x.double(), 1).float()
-    torch.testing.assert_close(ours.lse[ok], ref_lse[ok])
-    assert torch.isnan(ours.lse[1])
-    assert ours.lse[2] == float("-inf")  # log Σ over an empty support
+    torch.testing.assert_close(lse[ok], torch.logsumexp(x.double(), 1).float()[ok])
+    assert torch.isnan(lse[1])
 
 
 @needs_cpp
@@ -345,23 +339,30 @@ def test_strided_rows_and_class_dim_1():
 @needs_cpp
 def test_auto_prefers_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("FUSED_LS_BACKEND", raising=False)
-    req = fused_ls.backends.Request("cpu", torch.float32, 10, False, False)
+    req = fused_ls.backends.Request("cpu", torch.float32, False, False)
     assert fused_ls.backends.resolve("auto", req) == "cpp"
     assert fused_ls.backends.reasons_for(
-        "cpp", fused_ls.backends.Request("cuda", torch.float32, 10, False, False)
+        "cpp", fused_ls.backends.Request("cuda", torch.float32, False, False)
     )
 
 
 @needs_cpp
 def test_kernel_ops_opcheck_and_compile():
     x = torch.randn(4, 33)
-    R = torch.full((1, 33), 1 / 33)
-    torch.library.opcheck(
-        torch.ops.fused_ls.ext_row_stats.default,
-        (x, R, None, None, 0.0, True),
-        test_utils=("test_schema", "test_faketensor"),
-    )
     target = torch.randint(0, 33, (4,))
+    p = problem(x, target, z_loss=1e-3, reduction="sum")
+    ops = torch.ops.fused_ls
+    utils = ("test_schema", "test_faketensor")
+    loss, pack = ops.ext_forward(x, *p)
+    go = torch.ones(())
+    for op, args in (
+        (ops.ext_forward, (x, *p)),
+        (ops.ext_backward, (go, x, torch.empty_like(x), pack, *p)),
+        (ops.ext_forward_backward, (x, torch.empty_like(x), go, *p)),
+        (ops.ext_row_stats, (x, *p)),
+        (ops.ext_finalize, (ops.ext_row_stats(x, *p), *p)),
+    ):
+        torch.library.opcheck(op.default, args, test_utils=utils)
     f = torch.compile(
         lambda a: fused_ls.label_smoothing_cross_entropy(a, target, backend="cpp"),
         fullgraph=True,

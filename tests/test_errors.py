@@ -127,7 +127,7 @@ def test_module_unknown_keyword():
 
 
 def test_unavailable_backend_says_why():
-    req = fused_ls.backends.Request("cpu", torch.float32, 5, False, False)
+    req = fused_ls.backends.Request("cpu", torch.float32, False, False)
     for name in fused_ls.BACKEND_NAMES:
         why = fused_ls.backends.reasons_for(name, req)
         if why:

@@ -23,14 +23,14 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-9,
 def best_dtype(backend: str, dense=False, sparse=False) -> torch.dtype:
     """float64 where the backend takes it (tightest check), else float32 (e.g. triton)."""
     for dt in (torch.float64, torch.float32):
-        req = fused_ls.backends.Request("cpu", dt, 8, dense, sparse)
+        req = fused_ls.backends.Request("cpu", dt, dense, sparse)
         if not fused_ls.backends.reasons_for(backend, req):
             return dt
     pytest.skip(f"{backend} cannot serve this case on CPU")
 
 
 def serves(backend: str, dtype: torch.dtype) -> bool:
-    req = fused_ls.backends.Request("cpu", dtype, 8, False, False)
+    req = fused_ls.backends.Request("cpu", dtype, False, False)
     return not fused_ls.backends.reasons_for(backend, req)
 
 

@@ -5,77 +5,63 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import problem
 from test_contract import BACKENDS, DEV, MODES, _problem, _to_dev
 
 import fused_ls
 from fused_ls import reference
 
 
-def _forward_args(x, y, backend, weight=None, sim=None, inplace=False):
-    # positional arguments of fused_ls::forward, in schema order
-    return (
-        x,
-        y,
-        weight,
-        None,
-        sim,
-        None,
-        None,
-        None,
-        None,
-        0.1,
-        0.5,
-        -100,
-        0.0,
-        1.0,
-        0,
-        1e-3,
-        0.0,
-        0.1,
-        1.0,
-        backend,
-        inplace,
+def _case(backend, with_sim=False, reduction="mean"):
+    x, y, g = _problem(6, 9, torch.float32)
+    x.requires_grad_(True)
+    kw = dict(
+        weight=torch.rand(9, generator=g).to(DEV),
+        z_loss=1e-3,
+        confidence_penalty=0.1,
+        reduction=reduction,
+        return_stats=True,
     )
+    if with_sim:
+        kw.update(similarity=torch.rand(9, 9, generator=g).to(DEV), similarity_mix=0.5)
+    return x, problem(x, y, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_sim", [False, True])
 def test_opcheck_forward(backend, with_sim):
-    x, y, g = _problem(6, 9, torch.float32)
-    x.requires_grad_(True)
-    sim = torch.rand(9, 9, generator=g).to(DEV) if with_sim else None
-    w = torch.rand(9, generator=g).to(DEV)
-    torch.library.opcheck(
-        torch.ops.fused_ls.forward.default, _forward_args(x, y, backend, weight=w, sim=sim)
-    )
+    x, p = _case(backend, with_sim)
+    torch.library.opcheck(torch.ops.fused_ls.forward.default, (x, *p, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_backward(backend):
-    x, y, _ = _problem(6, 9, torch.float32)
-    outs = torch.ops.fused_ls.forward(*_forward_args(x, y, backend))
-    lse, pz, coefs, cols, mass = outs[2], outs[6], outs[7], outs[8], outs[9]
-    out = torch.empty_like(x)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_backward_and_forward_backward(backend, reduction):
+    x, p = _case(backend, reduction=reduction)
+    x = x.detach()
+    _, pack = torch.ops.fused_ls.forward(x, *p, backend)
+    go = torch.ones(() if reduction == "mean" else 6, device=DEV)
     torch.library.opcheck(
-        torch.ops.fused_ls.backward.default,
-        (
-            torch.ones(6, device=DEV),
-            x,
-            out,
-            y,
-            None,
-            None,
-            None,
-            lse,
-            pz,
-            coefs,
-            cols,
-            mass,
-            0.5,
-            0.0,
-            backend,
-        ),
+        torch.ops.fused_ls.backward.default, (go, x, torch.empty_like(x), pack, *p, backend)
     )
+    if reduction == "none":  # forward_backward takes "none" or "sum"
+        torch.library.opcheck(
+            torch.ops.fused_ls.forward_backward.default,
+            (x, torch.empty_like(x), go, *p, backend),
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_row_stats_and_finalize(backend):
+    x, p = _case(backend, with_sim=True)
+    x = x.detach()
+    torch.library.opcheck(torch.ops.fused_ls.row_stats.default, (x, *p, backend))
+    stats = torch.ops.fused_ls.row_stats(x, *p, backend)
+    torch.library.opcheck(torch.ops.fused_ls.finalize.default, (stats, *p, backend))
+    # finalize(row_stats) is forward
+    a = torch.ops.fused_ls.finalize(stats, *p, backend)
+    b = torch.ops.fused_ls.forward(x, *p, backend)
+    torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -73,14 +73,14 @@ def sparse_sim(c, k=3, seed=2):
 # ---------------------------------------------------------------------------------------------
 def test_triton_is_available_here():
     assert fused_ls.available_backends()["triton"] == []
-    req = Request(DEVICE, torch.float32, 10, False, False)
+    req = Request(DEVICE, torch.float32, False, False)
     assert reasons_for("triton", req) == []
 
 
 def test_triton_states_what_it_cannot_serve():
-    why = reasons_for("triton", Request(DEVICE, torch.float64, 10, False, False))
+    why = reasons_for("triton", Request(DEVICE, torch.float64, False, False))
     assert any("float64" in w for w in why)
-    why = reasons_for("triton", Request("meta", torch.float32, 10, False, False))
+    why = reasons_for("triton", Request("meta", torch.float32, False, False))
     assert any("meta" in w for w in why)
     x, y = make(2, 5, torch.float64)
     with pytest.raises(ValueError, match="triton"):

@@ -1,79 +1,45 @@
 """Backends and the single dispatch point.
 
-Every backend implements the same two row kernels of DESIGN.md §2; everything else (validation,
-the O(N) finalisation of the loss from row statistics, reductions, autograd) is shared code in
-``fused_ls._ops``. The kernel contract, for logits ``x`` of shape [N, C] with unit stride on C:
+Every backend serves the same row-level contract (DESIGN.md §2). For logits ``x`` of shape [N, C]
+(unit stride on C) and a ``Problem`` (targets, the prepared smoothing of ``fused_ls._smoothing``,
+per-sample tensors and the scalar options, see ``fused_ls._problem``):
 
-``row_stats(x, R, ridx_a, ridx_b, softcap, need_pz) -> RowStats``
-    one streaming pass over each row of ``z = softcap·tanh(x/softcap)`` (identity when softcap
-    is 0), gathering
+``forward(x, p) -> (loss, pack)``
+    statistics of every row, finalised per row into the loss; ``loss`` is reduced as
+    ``p.reduction`` says ([N] for "none", [] for "mean"/"sum") and ``pack`` is the [N + 1, 8]
+    accumulation-dtype row pack of ``fused_ls._problem.PACK`` (lse, effective ε, Σpz,
+    confidence, argmax, loss_i, W_i; the last row holds ΣW and Σloss).
+``backward(grad_loss, x, out, pack, p)``
+    writes d(grad_loss · loss)/dx into ``out`` (which may be ``x`` itself).
+``forward_backward(x, out, grad_loss, p) -> (loss, pack)``
+    both in one call, for rows whose upstream gradient ``grad_loss`` is known in advance
+    (reduction "none" or "sum" only): what the fused linear head uses per chunk.
+``row_stats(x, p) -> stats``
+    the unfinalised statistics of ``fused_ls._problem.STATS`` ([N, 8]), for the logits' columns
+    ``[p.col_offset, p.col_offset + C)`` of ``p.num_classes``: what vocabulary sharding merges.
+``finalize(stats, p) -> (loss, pack)``
+    the loss from (merged) statistics.
 
-    - ``m``      = max_c z_c and ``argmax`` (first maximal index),
-    - ``lse``    = m + log Σ_c exp(z_c − m),
-    - ``dot_a``  = Σ_c R[ra_i, c] · z_c, terms with R = 0 contributing 0 even where z = −inf,
-    - ``dot_b``  = the same with row ``rb_i`` (only when ``ridx_b`` is given),
-    - ``pz``     = Σ_c p_c z_c (only when ``need_pz``; terms with p = 0 contribute 0).
-
-    ``R`` is [1, C] (every row uses row 0; ``ridx_a``/``ridx_b`` are None) or [C, C]
-    (``ridx_a``/``ridx_b`` pick a row per sample, already clamped to [0, C)). All outputs are in
-    the accumulation dtype (fp32, or fp64 for fp64 logits); ``argmax`` is int64.
-
-``grad_rows(x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap)``
-    writes, for every row i and column c, in ``out``'s dtype (``out`` may alias ``x``):
-
-        g_ic = ( [coef_i + γ_i (z_c − pz_i)] · p_c − u_a,i R[ra_i, c] − u_b,i R[rb_i, c]
-                 − t_a,i [c = y_a,i] − t_b,i [c = y_b,i] − Σ_j mass_ij [c = col_ij] ) · dz_c/dx_c
-
-    with p_c = exp(z_c − lse_i). The target terms must be subtracted in the accumulation dtype
-    before rounding (DESIGN.md §3). Optional terms are None when absent. All indices (``y_a``,
-    ``y_b``, ``ridx_*``, ``sparse_cols``) are already in [0, C); ignored rows have index 0 and all
-    coefficients zero.
+The pure-torch backend implements the two passes in Python and keeps the readable
+finalisation: it is the reference the compiled backends (``cpp``, ``cuda``: one C++ op per
+pass, ``triton``) are tested against; those finalise inside their kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
+ENV_VAR = "FUSED_LS_BACKEND"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of the contract: fp32 whatever the input dtype; fp64 stays fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-ENV_VAR = "FUSED_LS_BACKEND"
-
-
-@dataclass
-class RowStats:
-    m: Tensor
-    lse: Tensor
-    argmax: Tensor
-    dot_a: Tensor
-    dot_b: Tensor | None
-    pz: Tensor | None
-
-
-@dataclass
-class GradTerms:
-    """Per-row coefficients of the gradient formula, already multiplied by the upstream grad."""
-
-    coef: Tensor
-    gamma: Tensor | None
-    u_a: Tensor
-    u_b: Tensor | None
-    y_a: Tensor
-    t_a: Tensor
-    y_b: Tensor | None
-    t_b: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -82,13 +48,15 @@ class Request:
 
     device_type: str
     dtype: torch.dtype
-    num_classes: int
-    dense_similarity: bool
-    sparse_similarity: bool
+    dense_similarity: bool = False
+    sparse_similarity: bool = False
 
 
 class Backend:
     name = "?"
+    # The Python-implemented backends are opaque to torch.compile only through the fused_ls::
+    # custom ops; the compiled ones call their own (C++) ops and can be traced directly.
+    traceable = False
 
     def unavailable_reason(self) -> str | None:
         """None when the backend is usable in this process, else why not."""
@@ -98,28 +66,27 @@ class Backend:
         """Why this backend cannot serve this particular call (empty list: it can)."""
         return []
 
-    def row_stats(self, x, R, ridx_a, ridx_b, softcap: float, need_pz: bool) -> RowStats:
-        raise NotImplementedError
-
-    def grad_rows(
-        self,
-        x,
-        out,
-        R,
-        ridx_a,
-        ridx_b,
-        lse,
-        pz,
-        terms: GradTerms,
-        sparse_cols,
-        sparse_mass,
-        softcap: float,
-    ) -> None:
-        raise NotImplementedError
-
     def reasons(self, req: Request) -> list[str]:
         why = self.unavailable_reason()
         return [why] if why else self.unsupported_reasons(req)
+
+    # -- the contract (see the module docstring) -------------------------------------------------
+    def row_stats(self, x, p):
+        raise NotImplementedError
+
+    def finalize(self, stats, p):
+        raise NotImplementedError
+
+    def forward(self, x, p):
+        return self.finalize(self.row_stats(x, p), p)
+
+    def backward(self, grad_loss, x, out, pack, p) -> None:
+        raise NotImplementedError
+
+    def forward_backward(self, x, out, grad_loss, p):
+        loss, pack = self.forward(x, p)
+        self.backward(grad_loss, x, out, pack, p)
+        return loss, pack
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -139,17 +106,11 @@ def get(name: str) -> Backend:
 
 
 def _load_all() -> None:
-    # Import lazily so that `import fused_ls` never needs a compiler, triton or a GPU.
+    # Imported on first use, not at `import fused_ls`; importing these modules is cheap (nothing
+    # here loads the compiled extension or triton: that happens on a backend's first use).
     if "torch" in _REGISTRY:
         return
-    from . import torch_backend  # noqa: F401
-
-    for mod in ("triton_backend", "cpp_backend", "cuda_backend"):
-        try:
-            __import__(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
+    from . import cpp_backend, cuda_backend, torch_backend, triton_backend  # noqa: F401
 
 
 def _missing(name: str) -> str:
@@ -172,6 +133,41 @@ def reasons_for(name: str, req: Request | None) -> list[str]:
     return b.reasons(req)
 
 
+@functools.lru_cache(maxsize=256)
+def _resolve(
+    backend: str, device_type: str, dtype: torch.dtype, dense: bool, sparse: bool, env: str
+) -> str:
+    if backend == "auto":
+        backend = env or "auto"
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(
+            f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}"
+            + (f" (from ${ENV_VAR})" if env == backend else "")
+        )
+    req = Request(device_type, dtype, dense, sparse)
+    if backend != "auto":
+        why = reasons_for(backend, req)
+        if why:
+            raise ValueError(f"backend {backend!r} cannot serve this call: " + "; ".join(why))
+        return backend
+    tried = []
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        why = reasons_for(name, req)
+        if not why:
+            return name
+        tried.append(f"{name}: " + "; ".join(why))
+    raise ValueError("no backend can serve this call:\n  " + "\n  ".join(tried))
+
+
+@torch.compiler.assume_constant_result
+def resolve_name(backend: str, device_type: str, dtype: torch.dtype, dense: bool, sparse: bool):
+    """``resolve`` on plain values (memoised per value of $FUSED_LS_BACKEND). torch.compile runs
+    it eagerly while tracing and keeps the result as a constant, so backend discovery (imports,
+    loading the extension) never happens inside traced code."""
+    env = os.environ.get(ENV_VAR, "") if backend == "auto" else ""
+    return _resolve(backend, device_type, dtype, dense, sparse, env)
+
+
 def resolve(backend: str, req: Request) -> str:
     """The single dispatch point: the name of the backend that will serve `req`.
 
@@ -181,23 +177,6 @@ def resolve(backend: str, req: Request) -> str:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
-    if backend != "auto" and backend not in BACKEND_NAMES:
-        raise ValueError(
-            f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}"
-            + (f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) == backend else "")
-        )
-    if backend != "auto":
-        why = reasons_for(backend, req)
-        if why:
-            raise ValueError(f"backend {backend!r} cannot serve this call: " + "; ".join(why))
-        return backend
-    order = _AUTO_ORDER.get(req.device_type, ("torch",))
-    tried = []
-    for name in order:
-        why = reasons_for(name, req)
-        if not why:
-            return name
-        tried.append(f"{name}: " + "; ".join(why))
-    raise ValueError("no backend can serve this call:\n  " + "\n  ".join(tried))
+    return resolve_name(
+        backend, req.device_type, req.dtype, req.dense_similarity, req.sparse_similarity
+    )

@@ -1,17 +1,21 @@
 """Compiled C++ CPU backend (``backend="cpp"``): fused_ls/csrc/cpu, math shared with CUDA in
 fused_ls/csrc/rowmath.h.
 
-The extension module ``fused_ls._C`` is loaded lazily, the first time a backend is looked up, and
-registers the kernel-level ops ``fused_ls::ext_row_stats`` / ``fused_ls::ext_grad_rows`` (CPU, and
-CUDA when it was built with nvcc). When it cannot be loaded (not built, or built against another
-torch), the backend reports why through ``unavailable_reason()`` and one warning is issued; the
+The extension module ``fused_ls._C`` is loaded lazily, on the first use of a compiled backend,
+and registers the kernel-level ops ``fused_ls::ext_forward`` / ``ext_backward`` /
+``ext_forward_backward`` / ``ext_row_stats`` / ``ext_finalize`` (CPU, and CUDA when it was built
+with nvcc; host side in fused_ls/csrc/ext_common.h). They take the logits and the ``Problem``
+(``fused_ls._problem``) in the same order as the ``fused_ls::`` ops, and finalise every row inside
+the kernel: the forward is one op call, the backward is one op call. When the extension cannot
+be loaded, the backend reports why through ``unavailable_reason()`` and one warning is issued; the
 pure-torch backend then serves "auto".
 
-Per call on [N, C] logits: the statistics pass reads the logits once; the gradient pass reads them
-once and writes the gradient once (into the logits with ``inplace_backward``). Rows are spread
-over ``torch.get_num_threads()`` threads; each row is reduced by one thread in a fixed order, so
-the results do not depend on the thread count. ``$FUSED_LS_CPU_ISA`` ("default", "avx2",
-"avx512") forces one of the compiled instruction-set paths; ``isa()`` says which one runs.
+Per call on [N, C] logits: the forward reads the logits once; the gradient pass reads them once
+and writes the gradient once (into the logits with ``inplace_backward``); forward_backward does
+both while a row is in cache. Rows are spread over ``torch.get_num_threads()`` threads; each row
+is reduced by one thread in a fixed order, so the results do not depend on the thread count.
+``$FUSED_LS_CPU_ISA`` ("default", "avx2", "avx512") forces one of the compiled instruction-set
+paths; ``isa()`` says which one runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import warnings
 
 import torch
 
-from . import Backend, Request, RowStats, acc_dtype, register
+from .._problem import Problem
+from . import Backend, Request, register
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _state: dict[str, object] = {}
@@ -49,44 +54,15 @@ def load_extension() -> str | None:
 
 
 def _register_fakes() -> None:
-    # Shapes of the kernel-level ops for tracing (the Python ops are what users trace; these make
-    # the kernel ops traceable on their own too).
-    @torch.library.register_fake("fused_ls::ext_row_stats")
-    def _(x, R, ridx_a, ridx_b, softcap, need_pz):
-        n = x.shape[0]
-        acc = acc_dtype(x.dtype)
-        row = lambda k=n: x.new_empty(k, dtype=acc)  # noqa: E731
-        return (
-            row(),
-            row(),
-            x.new_empty(n, dtype=torch.int64),
-            row(),
-            row(n if ridx_b is not None else 0),
-            row(n if need_pz else 0),
-        )
+    # The kernel-level ops have the same outputs as the fused_ls:: ops (fused_ls._ops).
+    from .. import _ops
 
-    @torch.library.register_fake("fused_ls::ext_grad_rows")
-    def _(
-        x,
-        out,
-        R,
-        ridx_a,
-        ridx_b,
-        lse,
-        pz,
-        coef,
-        gamma,
-        u_a,
-        u_b,
-        y_a,
-        t_a,
-        y_b,
-        t_b,
-        sparse_cols,
-        sparse_mass,
-        softcap,
-    ):
-        return None
+    def fake(kind):
+        impl = getattr(_ops, f"_fake_{kind}")
+        return lambda *args: impl(*args, "cpp")  # the fakes ignore the backend argument
+
+    for kind in ("forward", "backward", "forward_backward", "row_stats", "finalize"):
+        torch.library.register_fake(f"fused_ls::ext_{kind}", fake(kind))
 
 
 def _require() -> None:
@@ -107,46 +83,13 @@ def isas() -> list[str]:
     return list(torch.ops.fused_ls.ext_cpu_isas())
 
 
-def ext_row_stats(x, R, ridx_a, ridx_b, softcap, need_pz) -> RowStats:
-    m, lse, am, dot_a, dot_b, pz = torch.ops.fused_ls.ext_row_stats(
-        x, R, ridx_a, ridx_b, float(softcap), bool(need_pz)
-    )
-    return RowStats(
-        m, lse, am, dot_a, dot_b if ridx_b is not None else None, pz if need_pz else None
-    )
-
-
-def ext_grad_rows(
-    x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap
-) -> None:
-    torch.ops.fused_ls.ext_grad_rows(
-        x,
-        out,
-        R,
-        ridx_a,
-        ridx_b,
-        lse,
-        pz if terms.gamma is not None else None,
-        terms.coef,
-        terms.gamma,
-        terms.u_a,
-        terms.u_b,
-        terms.y_a,
-        terms.t_a,
-        terms.y_b,
-        terms.t_b,
-        sparse_cols,
-        sparse_mass,
-        float(softcap),
-    )
-
-
 class ExtensionBackend(Backend):
     """A backend served by the compiled extension's ops on one device type (cpp: CPU, cuda:
     CUDA); the ops dispatch on the tensors' device."""
 
     device_type = "?"
     other = "?"  # the sibling backend for the other device type, named in the reason
+    traceable = True  # C++ ops with fake kernels: torch.compile traces the calls directly
 
     def unavailable_reason(self) -> str | None:
         return load_extension()
@@ -162,13 +105,27 @@ class ExtensionBackend(Backend):
             why.append(f"{self.name} supports fp32/fp64/bf16/fp16 logits, got {req.dtype}")
         return why
 
-    def row_stats(self, x, R, ridx_a, ridx_b, softcap, need_pz):
-        return ext_row_stats(x, R, ridx_a, ridx_b, softcap, need_pz)
+    @property
+    def ops(self):
+        """The extension's ops (loading the extension on first use)."""
+        if _state.get("error", "not loaded") is not None:
+            _require()
+        return torch.ops.fused_ls
 
-    def grad_rows(
-        self, x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap
-    ):
-        ext_grad_rows(x, out, R, ridx_a, ridx_b, lse, pz, terms, sparse_cols, sparse_mass, softcap)
+    def forward(self, x, p: Problem):
+        return self.ops.ext_forward(x, *p)
+
+    def backward(self, grad_loss, x, out, pack, p: Problem) -> None:
+        self.ops.ext_backward(grad_loss, x, out, pack, *p)
+
+    def forward_backward(self, x, out, grad_loss, p: Problem):
+        return self.ops.ext_forward_backward(x, out, grad_loss, *p)
+
+    def row_stats(self, x, p: Problem):
+        return self.ops.ext_row_stats(x, *p)
+
+    def finalize(self, stats, p: Problem):
+        return self.ops.ext_finalize(stats, *p)
 
 
 class CppBackend(ExtensionBackend):
@@ -178,6 +135,3 @@ class CppBackend(ExtensionBackend):
 
 
 register(CppBackend())
-# The registry imports this module on first use of any backend (never at `import fused_ls`); load
-# the library then, so that a missing build warns once, early.
-load_extension()

@@ -18,7 +18,7 @@ from .cpp_backend import ExtensionBackend, load_extension
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension registered CUDA kernels (it was built with nvcc)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ls::ext_row_stats", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ls::ext_forward", "CUDA")
 
 
 class CudaBackend(ExtensionBackend):

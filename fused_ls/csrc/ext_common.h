@@ -1,24 +1,58 @@
-// The host side of the kernel-level ops fused_ls::ext_row_stats / fused_ls::ext_grad_rows,
-// shared by the CPU (cpu/ops.cpp) and CUDA (cuda/kernels.cu) implementations: argument checks,
-// preparation, and the filling of the plain-data kernel arguments (cpu/args.h). Each
-// implementation is row_stats_op<Device> / grad_rows_op<Device> with a Device that has
-//   static void check(const at::Tensor& x);                        the logits' device is served
-//   static void stats(const StatsArgs& a, const at::Tensor& x);    runs the statistics kernel
-//   static void grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out);
-// The O(N) per-row tensors may arrive as strided views (columns of the coefficient pack) or in
-// another dtype: they are made contiguous in the accumulation dtype here (a device copy on CUDA,
-// never a host sync); they stay alive until the kernels are launched. The N×C logits are never
-// copied.
+// The host side of the kernel-level ops, shared by the CPU (cpu/ops.cpp) and CUDA
+// (cuda/kernels.cu) implementations:
+//
+//   fused_ls::ext_forward(x, P)                         -> (loss, pack)     statistics + finalisation
+//   fused_ls::ext_backward(grad_loss, x, out!, pack, P)                    gradient into out
+//   fused_ls::ext_forward_backward(x, out!, grad_loss, P) -> (loss, pack)  both in one pass
+//   fused_ls::ext_row_stats(x, P)                       -> stats           (vocabulary sharding)
+//   fused_ls::ext_finalize(stats, P)                    -> (loss, pack)
+//
+// with P the Problem of fused_ls/_problem.py (FLS_PROBLEM_SCHEMA below, in the same order). Each
+// op checks its arguments, makes the O(N) per-row tensors contiguous in the accumulation dtype
+// (only when they are not already: a device copy on CUDA, never a host sync), fills one RowArgs
+// (args.h) and hands it to the Device:
+//
+//   static void check(const at::Tensor& x);            the tensors' device is served
+//   static void validate(const RowArgs& a, acc dtype);  target / per-sample ranges (CPU: raises;
+//                                                      CUDA: device-side asserts in the kernels)
+//   static void run(const RowArgs& a, int phases, at::ScalarType x_dtype);   the row kernels
+//   static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss);
+//                                                      totals row + the reduced loss
+//
+// The N×C logits are never copied.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <vector>
 
-#include "cpu/args.h"
+#include "args.h"
 
 namespace fused_ls {
+
+#define FLS_PROBLEM_SCHEMA                                                                      \
+  "Tensor target, Tensor? weight, Tensor? R, Tensor mass, Tensor? sp_idx, Tensor? sp_val, "    \
+  "Tensor? eps_rows, Tensor? mix_target, Tensor? mix_rows, float r0, float smoothing, "        \
+  "int ignore_index, float adaptive_threshold, float adaptive_factor, int adaptive_mode, "     \
+  "float z_loss, float softcap, float confidence_penalty, float mix_lambda, int reduction, "   \
+  "int col_offset, int num_classes, bool need_stats"
+
+using OptT = c10::optional<at::Tensor>;
+
+#define FLS_PROBLEM_PARAMS                                                                      \
+  const at::Tensor &target, const OptT &weight, const OptT &R, const at::Tensor &mass,         \
+      const OptT &sp_idx, const OptT &sp_val, const OptT &eps_rows, const OptT &mix_target,     \
+      const OptT &mix_rows, double r0, double smoothing, int64_t ignore_index,                  \
+      double adaptive_threshold, double adaptive_factor, int64_t adaptive_mode, double z_loss, \
+      double softcap, double confidence_penalty, double mix_lambda, int64_t reduction,          \
+      int64_t col_offset, int64_t num_classes, bool need_stats
+
+#define FLS_PROBLEM_ARGS                                                                        \
+  target, weight, R, mass, sp_idx, sp_val, eps_rows, mix_target, mix_rows, r0, smoothing,      \
+      ignore_index, adaptive_threshold, adaptive_factor, adaptive_mode, z_loss, softcap,       \
+      confidence_penalty, mix_lambda, reduction, col_offset, num_classes, need_stats
 
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -33,146 +67,212 @@ inline void check_logits(const at::Tensor& x, const char* name) {
               " must have unit stride on the class dim");
 }
 
-// [n] or [n, k] tensor in dtype t, contiguous, on x's device; undefined when absent.
-inline at::Tensor prep(const c10::optional<at::Tensor>& v, at::ScalarType t) {
-  if (!v.has_value() || !v->defined()) return at::Tensor();
-  return v->to(t).contiguous();
-}
-inline at::Tensor prep(const at::Tensor& v, at::ScalarType t) { return v.to(t).contiguous(); }
+// The arguments of one op call: the RowArgs and the (converted) tensors it points into.
+struct Call {
+  RowArgs a{};
+  std::vector<at::Tensor> keep;  // conversions made here, alive until the kernels have run
+  at::ScalarType acc;
+  at::Device device;
 
-inline void check_rows(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  if (!t.defined()) return;
-  TORCH_CHECK(t.device() == x.device(), "fused_ls: ", name, " is on ", t.device(),
-              " but the logits are on ", x.device());
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) == x.size(0), "fused_ls: ", name, " must have ",
-              x.size(0), " rows");
-}
+  // t in dtype `dt`, contiguous, on the logits' device; no dispatch when it already is.
+  const void* prep(const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.device() == device, "fused_ls: ", name, " is on ", t.device(),
+                " but the logits are on ", device);
+    if (t.scalar_type() == dt && t.is_contiguous()) return t.const_data_ptr();
+    keep.push_back(t.to(dt).contiguous());
+    return keep.back().const_data_ptr();
+  }
+  const void* prep(const OptT& t, at::ScalarType dt, const char* name) {
+    return t.has_value() && t->defined() ? prep(*t, dt, name) : nullptr;
+  }
+  const int64_t* index(const at::Tensor& t, const char* name) {
+    return static_cast<const int64_t*>(prep(t, at::kLong, name));
+  }
+  const int64_t* index(const OptT& t, const char* name) {
+    return static_cast<const int64_t*>(prep(t, at::kLong, name));
+  }
+  static void rows(const OptT& t, int64_t n, const char* name) {
+    if (t.has_value() && t->defined()) {
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "fused_ls: ", name, " must be [", n, "]");
+    }
+  }
 
-inline at::Tensor prep_R(const at::Tensor& R, const at::Tensor& x) {
-  const int64_t C = x.size(1);
-  TORCH_CHECK(R.dim() == 2 && R.size(1) == C && (R.size(0) == 1 || R.size(0) == C),
-              "fused_ls: R must be [1, C] or [C, C] with C = ", C);
-  TORCH_CHECK(R.device() == x.device(), "fused_ls: R is on ", R.device(), " but the logits are on ",
-              x.device());
-  return prep(R, acc_type(x.scalar_type()));
-}
+  // N rows of C columns of logits of dtype x_dtype (x may be null: ext_finalize).
+  Call(const at::Tensor& rows_like, int64_t N, int64_t C, at::ScalarType x_dtype,
+       FLS_PROBLEM_PARAMS)
+      : acc(acc_type(x_dtype)), device(rows_like.device()) {
+    TORCH_CHECK(num_classes >= 1, "fused_ls: num_classes must be >= 1");
+    TORCH_CHECK(col_offset >= 0 && col_offset + C <= num_classes,
+                "fused_ls: columns [", col_offset, ", ", col_offset + C, ") are not within [0, ",
+                num_classes, ")");
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == N, "fused_ls: target must be [", N, "]");
+    rows(mix_target, N, "mix_target");
+    rows(eps_rows, N, "eps_rows");
+    rows(mix_rows, N, "mix_rows");
+    const bool dense = R.has_value() && R->defined();
+    if (weight.has_value() && weight->defined()) {
+      TORCH_CHECK(weight->dim() == 1 && weight->size(0) == num_classes,
+                  "fused_ls: weight must be [", num_classes, "]");
+    }
+    if (dense) {
+      TORCH_CHECK(R->dim() == 2 && R->size(0) == num_classes && R->size(1) == num_classes,
+                  "fused_ls: R must be [", num_classes, ", ", num_classes, "]");
+    }
+    TORCH_CHECK(mass.dim() == 1 && mass.size(0) == (dense ? num_classes : 1),
+                "fused_ls: mass must be [", dense ? num_classes : 1, "]");
+    const bool sparse = sp_idx.has_value() && sp_idx->defined();
+    TORCH_CHECK(sparse == (sp_val.has_value() && sp_val->defined()),
+                "fused_ls: sp_idx and sp_val go together");
+    if (sparse) {
+      TORCH_CHECK(sp_idx->dim() == 2 && sp_idx->size(0) == num_classes &&
+                      sp_val->sizes() == sp_idx->sizes(),
+                  "fused_ls: sp_idx / sp_val must be [", num_classes, ", K]");
+    }
+    TORCH_CHECK(reduction >= RED_NONE && reduction <= RED_SUM, "fused_ls: bad reduction");
+    a.N = N;
+    a.C = C;
+    a.col_offset = col_offset;
+    a.num_classes = num_classes;
+    a.y_a = index(target, "target");
+    a.y_b = index(mix_target, "mix_target");
+    a.ignore_index = ignore_index;
+    a.w = prep(weight, acc, "weight");
+    a.R = prep(R, acc, "R");
+    a.mass = prep(mass, acc, "mass");
+    a.sp_idx = index(sp_idx, "sp_idx");
+    a.sp_val = prep(sp_val, acc, "sp_val");
+    a.K = sparse ? sp_idx->size(1) : 0;
+    a.r0 = r0;
+    a.eps_rows = prep(eps_rows, acc, "eps_rows");
+    a.eps = smoothing;
+    a.lam_rows = prep(mix_rows, acc, "mix_rows");
+    a.lam = mix_lambda;
+    a.adaptive_mode = static_cast<int>(adaptive_mode);
+    a.adaptive_threshold = adaptive_threshold;
+    a.adaptive_factor = adaptive_factor;
+    a.z_loss = z_loss;
+    a.softcap = softcap;
+    a.cp = confidence_penalty;
+    a.reduction = static_cast<int>(reduction);
+    a.need_stats = need_stats;
+  }
 
-// Outputs of ext_row_stats: m, lse, argmax, dot_a, dot_b ([N] or [0]), pz ([N] or [0]).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-alloc_stats(const at::Tensor& x, bool has_b, bool need_pz) {
-  const int64_t N = x.size(0);
-  auto o = x.options().dtype(acc_type(x.scalar_type()));
-  return {at::empty({N}, o), at::empty({N}, o), at::empty({N}, x.options().dtype(at::kLong)),
-          at::empty({N}, o), at::empty({has_b ? N : 0}, o), at::empty({need_pz ? N : 0}, o)};
-}
-
-inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-inline const int64_t* idx_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<int64_t>() : nullptr;
-}
+  void logits(const at::Tensor& x) {
+    a.x = x.const_data_ptr();
+    a.x_stride = x.stride(0);
+  }
+  void gradient(const at::Tensor& x, const at::Tensor& out, const at::Tensor& grad_loss) {
+    check_logits(out, "out");
+    TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
+                    out.device() == x.device(),
+                "fused_ls: out must match the logits' shape, dtype and device");
+    const bool per_row = a.reduction == RED_NONE;
+    TORCH_CHECK(per_row ? (grad_loss.dim() == 1 && grad_loss.size(0) == a.N)
+                        : grad_loss.numel() == 1,
+                "fused_ls: grad_loss must be [N] for reduction none, else a scalar");
+    a.out = out.data_ptr();
+    a.out_stride = out.stride(0);
+    a.go = prep(grad_loss, acc, "grad_loss");
+    a.go_per_row = per_row;
+  }
+  // The outputs of the finalisation: (loss, pack).
+  std::tuple<at::Tensor, at::Tensor> outputs() {
+    auto o = at::TensorOptions().dtype(acc).device(device);
+    at::Tensor loss = a.reduction == RED_NONE ? at::empty({a.N}, o) : at::empty({}, o);
+    at::Tensor pack = at::empty({a.N + 1, kWidth}, o);
+    a.loss = loss.data_ptr();
+    a.pack = pack.data_ptr();
+    return {loss, pack};
+  }
+};
 
 template <typename Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_op(
-    const at::Tensor& x, const at::Tensor& R_in, const c10::optional<at::Tensor>& ridx_a_in,
-    const c10::optional<at::Tensor>& ridx_b_in, double softcap, bool need_pz) {
-  check_logits(x, "x");
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, FLS_PROBLEM_PARAMS) {
   Device::check(x);
-  const at::Tensor R = prep_R(R_in, x);
-  const at::Tensor ridx_a = prep(ridx_a_in, at::kLong), ridx_b = prep(ridx_b_in, at::kLong);
-  TORCH_CHECK(R.size(0) > 1 || (!ridx_a.defined() && !ridx_b.defined()),
-              "fused_ls: ridx_a / ridx_b index a [C, C] R only");
-  TORCH_CHECK(R.size(0) == 1 || ridx_a.defined(), "fused_ls: a [C, C] R needs ridx_a");
-  check_rows(ridx_a, x, "ridx_a");
-  check_rows(ridx_b, x, "ridx_b");
-  auto outs = alloc_stats(x, ridx_b.defined(), need_pz);
-  auto& [m, lse, argmax, dot_a, dot_b, pz] = outs;
-  if (x.size(0) == 0) return outs;
-  TORCH_CHECK(x.size(1) > 0, "fused_ls: need at least one class");
-  StatsArgs a{};
-  a.x = x.const_data_ptr();
-  a.x_stride = x.stride(0);
-  a.C = x.size(1);
-  a.R = R.const_data_ptr();
-  a.ridx_a = idx_or_null(ridx_a);
-  a.ridx_b = idx_or_null(ridx_b);
-  a.softcap = softcap;
-  a.need_pz = need_pz;
-  a.m = m.data_ptr();
-  a.lse = lse.data_ptr();
-  a.argmax = argmax.data_ptr<int64_t>();
-  a.dot_a = dot_a.data_ptr();
-  a.dot_b = ridx_b.defined() ? dot_b.data_ptr() : nullptr;
-  a.pz = need_pz ? pz.data_ptr() : nullptr;
-  Device::stats(a, x);
+  check_logits(x, "x");
+  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
+  call.logits(x);
+  Device::validate(call.a, call.acc);
+  auto outs = call.outputs();
+  Device::run(call.a, PH_STATS | PH_FINALIZE, x.scalar_type());
+  Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
   return outs;
 }
 
 template <typename Device>
-void grad_rows_op(const at::Tensor& x, const at::Tensor& out, const at::Tensor& R_in,
-                  const c10::optional<at::Tensor>& ridx_a_in,
-                  const c10::optional<at::Tensor>& ridx_b_in, const at::Tensor& lse_in,
-                  const c10::optional<at::Tensor>& pz_in, const at::Tensor& coef_in,
-                  const c10::optional<at::Tensor>& gamma_in, const at::Tensor& u_a_in,
-                  const c10::optional<at::Tensor>& u_b_in, const at::Tensor& y_a_in,
-                  const at::Tensor& t_a_in, const c10::optional<at::Tensor>& y_b_in,
-                  const c10::optional<at::Tensor>& t_b_in,
-                  const c10::optional<at::Tensor>& sparse_cols,
-                  const c10::optional<at::Tensor>& sparse_mass, double softcap) {
+void backward_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& out,
+                 const at::Tensor& pack, FLS_PROBLEM_PARAMS) {
   Device::check(x);
   check_logits(x, "x");
-  check_logits(out, "out");
-  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
-                  out.device() == x.device(),
-              "fused_ls: out must match the logits' shape, dtype and device");
-  const auto acc = acc_type(x.scalar_type());
-  const at::Tensor R = prep_R(R_in, x);
-  const at::Tensor ridx_a = prep(ridx_a_in, at::kLong), ridx_b = prep(ridx_b_in, at::kLong);
-  const at::Tensor lse = prep(lse_in, acc), coef = prep(coef_in, acc), gamma = prep(gamma_in, acc);
-  const at::Tensor pz = gamma.defined() ? prep(pz_in, acc) : at::Tensor();
-  TORCH_CHECK(!gamma.defined() || pz.defined(), "fused_ls: gamma needs pz");
-  const at::Tensor u_a = prep(u_a_in, acc), u_b = prep(u_b_in, acc);
-  const at::Tensor y_a = prep(y_a_in, at::kLong), t_a = prep(t_a_in, acc);
-  const at::Tensor y_b = prep(y_b_in, at::kLong), t_b = prep(t_b_in, acc);
-  TORCH_CHECK(y_b.defined() == t_b.defined(), "fused_ls: y_b and t_b go together");
-  const at::Tensor cols = prep(sparse_cols, at::kLong), mass = prep(sparse_mass, acc);
-  TORCH_CHECK(cols.defined() == mass.defined(),
-              "fused_ls: sparse_cols and sparse_mass go together");
-  int64_t K = 0;
-  if (cols.defined()) {
-    TORCH_CHECK(cols.dim() == 2 && cols.sizes() == mass.sizes(),
-                "fused_ls: sparse_cols / sparse_mass must be [N, K]");
-    K = cols.size(1);
-  }
-  if (R.size(0) > 1) TORCH_CHECK(ridx_a.defined(), "fused_ls: a [C, C] R needs ridx_a");
-  for (const at::Tensor* t : {&ridx_a, &ridx_b, &lse, &pz, &coef, &gamma, &u_a, &u_b, &y_a, &t_a,
-                              &y_b, &t_b, &cols, &mass}) {
-    check_rows(*t, x, "a per-row input");
-  }
+  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
+  call.logits(x);
+  call.gradient(x, out, grad_loss);
+  TORCH_CHECK(pack.dim() == 2 && pack.size(0) == x.size(0) + 1 && pack.size(1) == kWidth &&
+                  pack.scalar_type() == call.acc,
+              "fused_ls: pack must be [N + 1, 8] in the accumulation dtype");
+  call.a.pack = const_cast<void*>(call.prep(pack, call.acc, "pack"));
+  call.a.go_mean = call.a.reduction == RED_MEAN;
   if (x.size(0) == 0 || x.size(1) == 0) return;
-  GradArgs a{};
-  a.x = x.const_data_ptr();
-  a.x_stride = x.stride(0);
-  a.out = out.data_ptr();
-  a.out_stride = out.stride(0);
-  a.C = x.size(1);
-  a.R = R.const_data_ptr();
-  a.ridx_a = R.size(0) > 1 ? idx_or_null(ridx_a) : nullptr;
-  a.ridx_b = R.size(0) > 1 ? idx_or_null(ridx_b) : nullptr;
-  a.lse = lse.const_data_ptr();
-  a.pz = ptr_or_null(pz);
-  a.coef = coef.const_data_ptr();
-  a.gamma = ptr_or_null(gamma);
-  a.u_a = u_a.const_data_ptr();
-  a.u_b = ptr_or_null(u_b);
-  a.y_a = idx_or_null(y_a);
-  a.t_a = t_a.const_data_ptr();
-  a.y_b = idx_or_null(y_b);
-  a.t_b = ptr_or_null(t_b);
-  a.sp_cols = idx_or_null(cols);
-  a.sp_mass = ptr_or_null(mass);
-  a.K = K;
-  a.softcap = softcap;
-  Device::grad(a, x, out);
+  Device::run(call.a, PH_GRAD, x.scalar_type());
 }
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> forward_backward_op(const at::Tensor& x, const at::Tensor& out,
+                                                       const at::Tensor& grad_loss,
+                                                       FLS_PROBLEM_PARAMS) {
+  Device::check(x);
+  check_logits(x, "x");
+  TORCH_CHECK(reduction != RED_MEAN,
+              "fused_ls: forward_backward needs the upstream gradient in advance: reduction "
+              "'none' or 'sum' (scale a sum by 1/ΣW for a mean)");
+  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
+  call.logits(x);
+  call.gradient(x, out, grad_loss);
+  Device::validate(call.a, call.acc);
+  auto outs = call.outputs();
+  Device::run(call.a, PH_STATS | PH_FINALIZE | PH_GRAD, x.scalar_type());
+  Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
+  return outs;
+}
+
+template <typename Device>
+at::Tensor row_stats_op(const at::Tensor& x, FLS_PROBLEM_PARAMS) {
+  Device::check(x);
+  check_logits(x, "x");
+  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
+  call.logits(x);
+  Device::validate(call.a, call.acc);
+  at::Tensor stats = at::empty({x.size(0), kWidth}, x.options().dtype(call.acc));
+  call.a.stats = stats.data_ptr();
+  Device::run(call.a, PH_STATS, x.scalar_type());
+  return stats;
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> finalize_op(const at::Tensor& stats, FLS_PROBLEM_PARAMS) {
+  Device::check(stats);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == kWidth &&
+                  (stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble),
+              "fused_ls: stats must be [N, 8] fp32 or fp64");
+  // the statistics hold no columns: C = 0 at offset 0 (num_classes is the whole class space)
+  Call call(stats, stats.size(0), 0, stats.scalar_type(), target, weight, R, mass, sp_idx,
+            sp_val, eps_rows, mix_target, mix_rows, r0, smoothing, ignore_index,
+            adaptive_threshold, adaptive_factor, adaptive_mode, z_loss, softcap,
+            confidence_penalty, mix_lambda, reduction, 0, num_classes, need_stats);
+  call.a.stats = const_cast<void*>(call.prep(stats, call.acc, "stats"));
+  Device::validate(call.a, call.acc);
+  auto outs = call.outputs();
+  Device::run(call.a, PH_FINALIZE, stats.scalar_type());
+  Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
+  return outs;
+}
+
+// Registers the five ops' implementations for one dispatch key.
+#define FLS_REGISTER_IMPLS(m, Device)                                          \
+  m.impl("ext_forward", &fused_ls::forward_op<Device>);                        \
+  m.impl("ext_backward", &fused_ls::backward_op<Device>);                      \
+  m.impl("ext_forward_backward", &fused_ls::forward_backward_op<Device>);      \
+  m.impl("ext_row_stats", &fused_ls::row_stats_op<Device>);                    \
+  m.impl("ext_finalize", &fused_ls::finalize_op<Device>)
 
 }  // namespace fused_ls

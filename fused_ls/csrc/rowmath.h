@@ -15,6 +15,11 @@
 // pz = s / d; two states over disjoint column sets merge associatively (`merge`), which is what
 // lets one row be split over vector lanes, chunks, warps, thread blocks or devices.
 //
+// Per row, the statistics are finalised into the loss and the coefficients of the gradient by
+// `finalize_row` and `grad_coefs` below: the C++ mirror of the readable Python finalisation in
+// fused_ls/backends/torch_backend.py (TorchBackend.finalize / grad_terms), which the tests use as
+// the reference. They read the per-row inputs straight from RowArgs (args.h).
+//
 // Every function is a template over the value type V: a scalar (float, double: CPU tails, CPU
 // fix-ups, every CUDA thread) or an at::vec::Vectorized<T> (the CPU vector loops). The few
 // primitives that differ between the two (exp, log, tanh, selects) are overloaded: the scalar
@@ -23,6 +28,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+
+#include "args.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FLS_HD __host__ __device__ __forceinline__
@@ -175,6 +183,191 @@ template <typename V>
 FLS_HD V grad_finish(V soft, V lin, V z, bool has_cap, V rcp) {
   V g = soft - lin;
   return has_cap ? g * softcap_dzdx(z, rcp) : g;
+}
+
+// ---- finalisation ------------------------------------------------------------------------------
+//   L(y)   = w_y (1 − ε)(lse − z_y) + ε (M_y · lse − D_y)            M_y = ⟨r_y, w⟩
+//   loss_i = λ L(y_a) + (1 − λ) L(y_b)   [mixup]   + λ_z W lse² − β_cp W (lse − Σpz)
+//   W      = λ w_ya + (1 − λ) w_yb   (w_ya without mixup)
+// ε_i is the per-sample or scalar ε, raised to min(1, ε·factor) when the row's detached
+// confidence (max p, or p at the target) is below the adaptive threshold.
+
+// Whether v is ±inf (written without isinf so that one spelling serves host and device).
+template <typename T>
+FLS_HD bool rm_isinf(T v) {
+  return v == v && (v - v) != (v - v);
+}
+// a·b where a zero coefficient times ±inf gives 0 (zero-mass terms), but NaN stays NaN.
+template <typename T>
+FLS_HD T wmul(T a, T b) {
+  return (a == T(0) && rm_isinf(b)) ? T(0) : a * b;
+}
+// c·go where c = 0 stays 0 even for an infinite or NaN upstream gradient (the "mean" over no
+// counted rows is 0/0; PyTorch gives those rows a zero gradient too).
+template <typename T>
+FLS_HD T scaled(T c, T go) {
+  return c == T(0) ? T(0) : c * go;
+}
+
+template <typename T>
+FLS_HD T at(const void* p, int64_t i) {
+  return static_cast<const T*>(p)[i];
+}
+
+// The mass rw_j = β S̃_y,j w_col of the j-th sparse neighbour of target y, and its column.
+template <typename T>
+FLS_HD T sparse_rw(const RowArgs& a, int64_t y, int64_t j) {
+  const T v = at<T>(a.sp_val, y * a.K + j);
+  return a.w ? v * at<T>(a.w, a.sp_idx[y * a.K + j]) : v;
+}
+
+// w_y and M_y = ⟨r_y, w⟩ for a target y: the dense part precomputed in `mass`, plus the sparse
+// neighbours' masses.
+template <typename T>
+struct TargetTerms {
+  T w, M;
+};
+template <typename T>
+FLS_HD TargetTerms<T> target_terms(const RowArgs& a, int64_t y) {
+  TargetTerms<T> t;
+  t.w = a.w ? at<T>(a.w, y) : T(1);
+  t.M = at<T>(a.mass, a.R ? y : 0);
+  for (int64_t j = 0; j < a.K; ++j) t.M += sparse_rw<T>(a, y, j);
+  return t;
+}
+
+template <typename T>
+FLS_HD T row_lambda(const RowArgs& a, int64_t i) {
+  return a.lam_rows ? at<T>(a.lam_rows, i) : T(a.lam);
+}
+
+// The statistics of one row (args.h, "stats"), in the accumulation type.
+template <typename T>
+struct Stats {
+  T m, d, s, Da, Db, za, zb;
+  int64_t arg;
+};
+
+// The target-dependent statistics of a row, from its dense dots: z at the targets (0 when a
+// target is not among the columns [col_offset, col_offset + C) held here), and D = dense dot +
+// Σ_j rw_j z_{col_j} over the sparse neighbours held here (zero-mass terms give 0 at z = −inf).
+// `zat(c)` returns z at local column c. dense_b is used only with a dense similarity (otherwise
+// both targets share dense_a).
+template <typename T, typename ZAt>
+FLS_HD void target_stats(const RowArgs& a, int64_t i, T dense_a, T dense_b, ZAt zat,
+                         Stats<T>& st) {
+  st.za = st.zb = T(0);
+  st.Da = dense_a;
+  st.Db = a.y_b ? (a.R ? dense_b : dense_a) : T(0);
+  const int64_t ya = a.y_a[i];
+  if (ya == a.ignore_index) return;
+  const int64_t lo = a.col_offset, hi = a.col_offset + a.C;
+  for (int t = 0; t < (a.y_b ? 2 : 1); ++t) {
+    const int64_t y = t == 0 ? ya : a.y_b[i];
+    T& z_y = t == 0 ? st.za : st.zb;
+    T& D = t == 0 ? st.Da : st.Db;
+    if (y >= lo && y < hi) z_y = zat(y - lo);
+    for (int64_t j = 0; j < a.K; ++j) {
+      const int64_t col = a.sp_idx[y * a.K + j];
+      if (col >= lo && col < hi) D += masked_term(sparse_rw<T>(a, y, j), zat(col - lo));
+    }
+  }
+}
+
+template <typename T>
+struct Final {
+  T loss, W, lse, eps, conf, pz;
+};
+
+template <typename T>
+FLS_HD Final<T> finalize_row(const RowArgs& a, int64_t i, const Stats<T>& st) {
+  Final<T> f;
+  f.lse = finish_lse(SoftmaxState<T>{st.m, st.d, st.s});
+  f.conf = rm_exp(st.m - f.lse);
+  f.pz = a.cp != 0 ? st.s / st.d : T(0);
+  f.loss = f.W = f.eps = T(0);
+  const int64_t ya = a.y_a[i];
+  if (ya == a.ignore_index) return f;
+  T eps = a.eps_rows ? at<T>(a.eps_rows, i) : T(a.eps);
+  if (a.adaptive_mode != 0) {
+    // the row's own detached confidence: max p, or p at the target
+    const T c = a.adaptive_mode == 1 ? f.conf : rm_exp(st.za - f.lse);
+    if (c < T(a.adaptive_threshold)) {
+      const T raised = eps * T(a.adaptive_factor);
+      eps = raised > T(1) ? T(1) : raised;
+    }
+  }
+  f.eps = eps;
+  const TargetTerms<T> ta = target_terms<T>(a, ya);
+  T loss = wmul(ta.w * (T(1) - eps), f.lse - st.za) + wmul(eps, ta.M * f.lse - st.Da);
+  T W = ta.w;
+  if (a.y_b) {
+    const T lam = row_lambda<T>(a, i);
+    const TargetTerms<T> tb = target_terms<T>(a, a.y_b[i]);
+    const T lb = wmul(tb.w * (T(1) - eps), f.lse - st.zb) + wmul(eps, tb.M * f.lse - st.Db);
+    loss = wmul(lam, loss) + wmul(T(1) - lam, lb);
+    W = lam * ta.w + (T(1) - lam) * tb.w;
+  }
+  if (a.z_loss != 0) loss += T(a.z_loss) * W * f.lse * f.lse;
+  if (a.cp != 0) loss -= T(a.cp) * W * (f.lse - f.pz);
+  f.loss = loss;
+  f.W = W;
+  return f;
+}
+
+// The per-row coefficients of the gradient g (the header comment), times the upstream gradient
+// go, from the row's lse and effective ε. Point masses: t_a at y_a, t_b at y_b, and
+// scaled(rw_j · sp_a, go) at the sparse neighbours of y_a (sp_b for y_b's). All zero on an
+// ignored row.
+template <typename T>
+struct Coefs {
+  T coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b, go;
+};
+
+template <typename T>
+FLS_HD Coefs<T> grad_coefs(const RowArgs& a, int64_t i, T lse, T eps, T go) {
+  Coefs<T> k{T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0), go};
+  const int64_t ya = a.y_a[i];
+  if (ya == a.ignore_index) return k;
+  const TargetTerms<T> ta = target_terms<T>(a, ya);
+  T W;
+  if (a.y_b) {
+    const T lam = row_lambda<T>(a, i);
+    const TargetTerms<T> tb = target_terms<T>(a, a.y_b[i]);
+    k.coef = lam * (ta.w * (T(1) - eps) + eps * ta.M) +
+             (T(1) - lam) * (tb.w * (T(1) - eps) + eps * tb.M);
+    k.t_a = lam * ta.w * (T(1) - eps);
+    k.t_b = (T(1) - lam) * tb.w * (T(1) - eps);
+    // one R row for both targets unless the similarity is dense: λ + (1 − λ) = 1
+    k.u_a = a.R ? eps * lam : eps;
+    k.u_b = a.R ? eps * (T(1) - lam) : T(0);
+    k.sp_a = eps * lam;
+    k.sp_b = eps * (T(1) - lam);
+    W = lam * ta.w + (T(1) - lam) * tb.w;
+  } else {
+    k.coef = ta.w * (T(1) - eps) + eps * ta.M;
+    k.t_a = ta.w * (T(1) - eps);
+    k.u_a = eps;
+    k.sp_a = eps;
+    W = ta.w;
+  }
+  if (a.z_loss != 0) k.coef += T(2) * T(a.z_loss) * W * lse;
+  if (a.cp != 0) k.gamma = T(a.cp) * W;
+  k.coef = scaled(k.coef, go);
+  k.gamma = scaled(k.gamma, go);
+  k.u_a = scaled(k.u_a, go);
+  k.u_b = scaled(k.u_b, go);
+  k.t_a = scaled(k.t_a, go);
+  k.t_b = scaled(k.t_b, go);
+  return k;
+}
+
+// The upstream gradient of row i: go[i] or go[0], divided by ΣW (pack row N) for "mean".
+template <typename T>
+FLS_HD T row_go(const RowArgs& a, int64_t i) {
+  T go = at<T>(a.go, a.go_per_row ? i : 0);
+  if (a.go_mean) go = go / at<T>(a.pack, a.N * kWidth + 0);
+  return go;
 }
 
 #if defined(CPU_CAPABILITY) && !defined(__CUDACC__)

@@ -24,7 +24,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "args.h"
+#include "../args.h"
 
 // Vectorized overloads of the rowmath primitives; they must be declared before rowmath.h's
 // templates so that those templates find them.
@@ -229,95 +229,127 @@ inline void store_chunk(const acc_t* buf, int64_t n, scalar_t* dst) {
   }
 }
 
-// Row statistics (see args.h and rowmath.h) for rows [begin, end). Per row: one read of the
-// logits (C · sizeof(scalar_t) bytes) and of the R row(s) (C · sizeof(acc_t), cache-resident when
-// R is [1, C]); per chunk one sweep for max, min and the dots, one exp sweep from L1 for the
-// softmax state relative to the chunk's max, merged into the row's state with rowmath::merge;
-// per row one more vectorised scan of the chunk that holds the argmax.
+// One dense smoothing row R_y,c over the local columns: scale · p[c], or the constant scale
+// when p is null (uniform smoothing without class weights). scale = 1 for a dense similarity row
+// (its weights are folded in), r0 otherwise.
+template <typename acc_t>
+struct RRow {
+  const acc_t* p;
+  acc_t scale;
+  inline acc_t at(int64_t c) const { return p ? scale * p[c] : scale; }
+};
+
+template <typename acc_t>
+inline RRow<acc_t> r_row(const RowArgs& a, int64_t y) {
+  if (a.R) {
+    if (y < 0 || y >= a.num_classes) y = 0;  // ignored rows: any row serves
+    return {static_cast<const acc_t*>(a.R) + y * a.num_classes + a.col_offset, acc_t(1)};
+  }
+  const acc_t* w = static_cast<const acc_t*>(a.w);
+  return {w ? w + a.col_offset : nullptr, static_cast<acc_t>(a.r0)};
+}
+
+// z at local column c of row xr (softcap applied).
 template <typename scalar_t, typename acc_t>
-void stats_rows(const StatsArgs& a, int64_t begin, int64_t end) {
+inline acc_t z_at(const scalar_t* xr, int64_t c, bool has_cap, acc_t cap, acc_t rcp) {
+  const acc_t v = static_cast<acc_t>(xr[c]);
+  return has_cap ? rm::softcap_z(v, cap, rcp) : v;
+}
+
+// Statistics of one row (rowmath.h Stats): one read of the row (C · sizeof(scalar_t) bytes) and
+// of the dense R row(s) (cache-resident when they are the class weights), per chunk one sweep
+// for max, min and the dots, one exp sweep from L1 for the softmax state relative to the chunk's
+// max, merged into the row's state with rowmath::merge; with need_stats one more vectorised
+// scan of the chunk that holds the argmax; then O(2 + K) scattered reads for the targets and
+// sparse neighbours.
+template <typename scalar_t, typename acc_t>
+rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<acc_t>& cv) {
   using Vec = Vectorized<acc_t>;
   const acc_t NEG = rm::neg_inf<acc_t>();
-  alignas(64) acc_t buf[kChunk];
-  ChunkView<acc_t> cv;
-  const acc_t* R = static_cast<const acc_t*>(a.R);
   const bool has_cap = a.softcap > 0;
   const acc_t cap = static_cast<acc_t>(a.softcap);
   const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
   const int64_t C = a.C;
+  const scalar_t* xr = static_cast<const scalar_t*>(a.x) + i * a.x_stride;
+  const RRow<acc_t> Ra = r_row<acc_t>(a, a.y_a[i]);
+  const bool two = a.R && a.y_b;  // a second dense row (mixup with a dense similarity)
+  const RRow<acc_t> Rb = two ? r_row<acc_t>(a, a.y_b[i]) : Ra;
+  const bool dots = Ra.scale != acc_t(0);
+  rm::SoftmaxState<acc_t> st = rm::empty_state<acc_t>();
+  acc_t best = NEG;  // the best chunk max so far, and where that chunk starts
+  int64_t best_c0 = 0;
+  acc_t dot_a = 0, dot_b = 0;
 
-  for (int64_t i = begin; i < end; ++i) {
-    const scalar_t* xr = static_cast<const scalar_t*>(a.x) + i * a.x_stride;
-    const acc_t* Ra = R + (a.ridx_a ? a.ridx_a[i] : 0) * C;
-    const acc_t* Rb = a.ridx_b ? R + a.ridx_b[i] * C : nullptr;
-    rm::SoftmaxState<acc_t> st = rm::empty_state<acc_t>();
-    acc_t best = NEG;     // the best chunk max so far, and where that chunk starts
-    int64_t best_c0 = 0;
-    acc_t dot_a = 0, dot_b = 0;
-
-    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, C - c0);
-      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, NEG, cv);
-      // sweep 1: max, min, and the dots Σ R z as plain products; padded lanes hold z = −inf and
-      // R = 0 (masked load). Only if the chunk holds a −inf or NaN (min tells) are the dots
-      // redone with zero-mass terms forced to 0 — the rare masked-vocabulary case.
-      Vec vmax(NEG), vmin(-NEG), va(acc_t(0)), vb(acc_t(0));
-      const int64_t nfull = cv.full;
-      auto plain = [&](const Vec& z, int64_t j, int64_t cnt) {
-        vmax = at::vec::maximum(vmax, z);
-        // the tail's padded lanes enter the min and the dots as 0 (0 · −inf would be NaN)
-        const Vec zd = j < nfull ? z : Vec::set(Vec(acc_t(0)), z, cnt);
-        vmin = at::vec::minimum(vmin, zd);
-        va = at::vec::fmadd(Vec::loadu(Ra + c0 + j, cnt), zd, va);
-        if (Rb) vb = at::vec::fmadd(Vec::loadu(Rb + c0 + j, cnt), zd, vb);
-      };
-      cv.for_each(plain);
-      const acc_t cmin = reduce_min(vmin);
-      if (!(cmin > NEG)) {  // −inf or NaN in the chunk
-        va = Vec(acc_t(0));
-        vb = Vec(acc_t(0));
-        cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
-          va += rm::masked_term(Vec::loadu(Ra + c0 + j, cnt), z);
-          if (Rb) vb += rm::masked_term(Vec::loadu(Rb + c0 + j, cnt), z);
-        });
-      }
-      const acc_t cm = reduce_max(vmax);
-      dot_a += reduce_sum(va);
-      if (Rb) dot_b += reduce_sum(vb);
-      // argmax: remember the first chunk holding the row's max (or its first NaN)
-      if (c0 == 0 || rm::argmax_takes<acc_t>(cm, c0, best, best_c0)) {
-        best = cm;
-        best_c0 = c0;
-      }
-      // sweep 2 (from L1): softmax state of the chunk relative to its own max (an all −inf chunk
-      // adds nothing), merged into the row's state
-      if (cm != NEG) {
-        const Vec vcm(cm);
-        Vec vd(acc_t(0)), vs(acc_t(0));
-        // a finite max means no NaN or +inf in the chunk: z − m is finite or −inf
-        const bool finite = cm == cm && cm != -NEG;
-        // this sweep is compute-bound (exp): meanwhile, prefetch the next chunk of the row (sweep
-        // 1 would otherwise stall on it; prefetches past the row's end do not fault)
-        const char* next = reinterpret_cast<const char*>(xr + c0 + kChunk);
-        constexpr int64_t step = sizeof(scalar_t);
-        if (a.need_pz) {
-          cv.for_each([&](const Vec& z, int64_t j, int64_t) {
-            __builtin_prefetch(next + j * step, 0, 3);
-            const Vec e = finite ? rm::exp_no_nan(z - vcm) : rm::rm_exp(z - vcm);
-            vd += e;
-            vs += rm::pz_term(e, z);
-          });
-        } else if (finite) {
-          cv.for_each([&](const Vec& z, int64_t j, int64_t) {
-            __builtin_prefetch(next + j * step, 0, 3);
-            vd += rm::exp_no_nan(z - vcm);
-          });
-        } else {
-          cv.for_each([&](const Vec& z, int64_t, int64_t) { vd += rm::rm_exp(z - vcm); });
-        }
-        st = rm::merge(st, rm::SoftmaxState<acc_t>{cm, reduce_sum(vd), reduce_sum(vs)});
-      }
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, C - c0);
+    load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, NEG, cv);
+    // sweep 1: max, min, and the dots Σ R z as plain products; padded lanes hold z = −inf and
+    // R = 0 (masked load). Only if the chunk holds a −inf or NaN (min tells) are the dots redone
+    // with zero-mass terms forced to 0 — the rare masked-vocabulary case.
+    Vec vmax(NEG), vmin(-NEG), va(acc_t(0)), vb(acc_t(0));
+    const int64_t nfull = cv.full;
+    cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
+      vmax = at::vec::maximum(vmax, z);
+      // the tail's padded lanes enter the min and the dots as 0 (0 · −inf would be NaN)
+      const Vec zd = j < nfull ? z : Vec::set(Vec(acc_t(0)), z, cnt);
+      vmin = at::vec::minimum(vmin, zd);
+      if (!dots) return;
+      va = Ra.p ? at::vec::fmadd(Vec::loadu(Ra.p + c0 + j, cnt), zd, va) : va + zd;
+      if (two) vb = at::vec::fmadd(Vec::loadu(Rb.p + c0 + j, cnt), zd, vb);
+    });
+    const acc_t cmin = reduce_min(vmin);
+    if (dots && !(cmin > NEG)) {  // −inf or NaN in the chunk
+      va = Vec(acc_t(0));
+      vb = Vec(acc_t(0));
+      cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
+        const Vec ra = Ra.p ? Vec::loadu(Ra.p + c0 + j, cnt) : Vec::set(Vec(acc_t(0)), Vec(acc_t(1)), cnt);
+        va += rm::masked_term(ra, z);
+        if (two) vb += rm::masked_term(Vec::loadu(Rb.p + c0 + j, cnt), z);
+      });
     }
+    const acc_t cm = reduce_max(vmax);
+    dot_a += reduce_sum(va);
+    dot_b += reduce_sum(vb);
+    // argmax: remember the first chunk holding the row's max (or its first NaN)
+    if (c0 == 0 || rm::argmax_takes<acc_t>(cm, c0, best, best_c0)) {
+      best = cm;
+      best_c0 = c0;
+    }
+    // sweep 2 (from L1): softmax state of the chunk relative to its own max (an all −inf chunk
+    // adds nothing), merged into the row's state
+    if (cm != NEG) {
+      const Vec vcm(cm);
+      Vec vd(acc_t(0)), vs(acc_t(0));
+      // a finite max means no NaN or +inf in the chunk: z − m is finite or −inf
+      const bool finite = cm == cm && cm != -NEG;
+      // this sweep is compute-bound (exp): meanwhile, prefetch the next chunk of the row (sweep
+      // 1 would otherwise stall on it; prefetches past the row's end do not fault)
+      const char* next = reinterpret_cast<const char*>(xr + c0 + kChunk);
+      constexpr int64_t step = sizeof(scalar_t);
+      if (a.cp != 0) {
+        cv.for_each([&](const Vec& z, int64_t j, int64_t) {
+          __builtin_prefetch(next + j * step, 0, 3);
+          const Vec e = finite ? rm::exp_no_nan(z - vcm) : rm::rm_exp(z - vcm);
+          vd += e;
+          vs += rm::pz_term(e, z);
+        });
+      } else if (finite) {
+        cv.for_each([&](const Vec& z, int64_t j, int64_t) {
+          __builtin_prefetch(next + j * step, 0, 3);
+          vd += rm::exp_no_nan(z - vcm);
+        });
+      } else {
+        cv.for_each([&](const Vec& z, int64_t, int64_t) { vd += rm::rm_exp(z - vcm); });
+      }
+      st = rm::merge(st, rm::SoftmaxState<acc_t>{cm, reduce_sum(vd), reduce_sum(vs)});
+    }
+  }
+  rm::Stats<acc_t> out;
+  out.m = st.m;
+  out.d = st.d;
+  out.s = st.s;
+  out.arg = 0;
+  if (a.need_stats) {
     // the argmax's position inside its chunk: one vectorised scan of that chunk per row
     const int64_t nb = std::min(kChunk, C - best_c0);
     load_chunk<scalar_t, acc_t>(xr + best_c0, nb, buf, has_cap, cap, rcp, NEG, cv);
@@ -330,117 +362,183 @@ void stats_rows(const StatsArgs& a, int64_t begin, int64_t end) {
                        static_cast<int>((1ull << cnt) - 1);
       if (hits) arg = best_c0 + j + __builtin_ctz(static_cast<unsigned>(hits));
     });
-    if (arg < 0) arg = best_c0;  // not reached: the chunk holds its own max
-    static_cast<acc_t*>(a.m)[i] = st.m;
-    static_cast<acc_t*>(a.lse)[i] = rm::finish_lse(st);
-    a.argmax[i] = arg;
-    static_cast<acc_t*>(a.dot_a)[i] = dot_a;
-    if (a.dot_b) static_cast<acc_t*>(a.dot_b)[i] = dot_b;
-    if (a.need_pz) static_cast<acc_t*>(a.pz)[i] = rm::finish_pz(st);
+    out.arg = a.col_offset + (arg < 0 ? best_c0 : arg);  // arg < 0: not reached
   }
+  rm::target_stats<acc_t>(a, i, Ra.scale * dot_a, Rb.scale * dot_b,
+                          [&](int64_t c) { return z_at<scalar_t, acc_t>(xr, c, has_cap, cap, rcp); },
+                          out);
+  return out;
 }
 
-// Gradient rows [begin, end). Per row: one read of the logits, one write of the gradient
-// (C · sizeof(scalar_t) bytes each), the R row(s), and 2 + K scattered columns. The target and
-// sparse-similarity masses hit a few columns only: those columns' logits are read before the
-// dense pass (out may alias x), the dense pass writes every column without them, and the few
-// columns are then rewritten from an accumulation-dtype expression that includes them, so the
-// subtraction happens before rounding (DESIGN.md §3).
+// Gradient of one row: one read of the logits and one write of the gradient (C · sizeof(scalar_t)
+// bytes each), the dense R row(s), and 2 + K scattered columns. The target and sparse-similarity
+// masses hit a few columns only: those columns' logits are read before the dense pass (out may
+// alias x), the dense pass writes every column without them, and the few columns are then
+// rewritten from an accumulation-dtype expression that includes them, so the subtraction happens
+// before rounding (DESIGN.md §3).
 template <typename scalar_t, typename acc_t>
-void grad_rows_impl(const GradArgs& a, int64_t begin, int64_t end) {
+void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t go, acc_t* buf,
+              ChunkView<acc_t>& cv, std::vector<int64_t>& fcol, std::vector<acc_t>& fmass,
+              std::vector<acc_t>& fx) {
   using Vec = Vectorized<acc_t>;
-  alignas(64) acc_t buf[kChunk];
-  ChunkView<acc_t> cv;
-  const acc_t* R = static_cast<const acc_t*>(a.R);
+  const int64_t C = a.C;
+  const scalar_t* xr = static_cast<const scalar_t*>(a.x) + i * a.x_stride;
+  scalar_t* orow = static_cast<scalar_t*>(a.out) + i * a.out_stride;
+  if (a.y_a[i] == a.ignore_index) {  // ignored rows: a zero gradient, without reading them
+    std::memset(static_cast<void*>(orow), 0, C * sizeof(scalar_t));
+    return;
+  }
   const bool has_cap = a.softcap > 0;
   const acc_t cap = static_cast<acc_t>(a.softcap);
   const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
-  const bool has_gamma = a.gamma != nullptr;
-  const int64_t C = a.C;
-  auto get = [](const void* p, int64_t i) { return static_cast<const acc_t*>(p)[i]; };
+  const rm::Coefs<acc_t> k = rm::grad_coefs<acc_t>(a, i, lse, eps, go);
+  const bool has_gamma = a.cp != 0;
+  const RRow<acc_t> Ra = r_row<acc_t>(a, a.y_a[i]);
+  const bool two = a.R && a.y_b;
+  const RRow<acc_t> Rb = two ? r_row<acc_t>(a, a.y_b[i]) : Ra;
+  // the linear (smoothing) part per column: ua_eff · pa[c] + ub_eff · pb[c], or a constant
+  const acc_t ua = k.u_a * Ra.scale, ub = two ? k.u_b * Rb.scale : acc_t(0);
 
-  const int64_t max_fix = 2 + a.K;
+  // 1. the fix-up columns held here and their logits, read before anything of this row is written
+  const int64_t lo = a.col_offset;
+  int64_t nf = 0;
+  auto add = [&](int64_t col, acc_t mass) {
+    if (col >= lo && col < lo + C) {
+      fcol[nf] = col - lo;
+      fmass[nf++] = mass;
+    }
+  };
+  for (int t = 0; t < (a.y_b ? 2 : 1); ++t) {
+    const int64_t y = t == 0 ? a.y_a[i] : a.y_b[i];
+    add(y, t == 0 ? k.t_a : k.t_b);
+    const acc_t sp = t == 0 ? k.sp_a : k.sp_b;
+    for (int64_t j = 0; j < a.K; ++j) {
+      add(a.sp_idx[y * a.K + j], rm::scaled(rm::sparse_rw<acc_t>(a, y, j) * sp, go));
+    }
+  }
+  for (int64_t f = 0; f < nf; ++f) fx[f] = static_cast<acc_t>(xr[fcol[f]]);
+
+  // 2. dense pass: g = softmax part − u_a R_a − u_b R_b, × dz/dx
+  const Vec vlse(lse), vcoef(k.coef), vgamma(k.gamma), vpz(pz), vua(ua), vub(ub), vrcp(rcp);
+  const bool lse_finite = lse == lse && lse != -rm::neg_inf<acc_t>() && lse != rm::neg_inf<acc_t>();
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, C - c0);
+    load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, acc_t(0), cv);
+    // same dtype: write each vector straight into out (reading x first, so out may alias x);
+    // else into buf, converted to the output dtype below
+    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+    acc_t* dst = direct ? reinterpret_cast<acc_t*>(orow + c0) : buf;
+    cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
+      // a finite lse means the row holds no NaN or +inf: z − lse is finite or −inf
+      const Vec p = lse_finite ? rm::exp_no_nan(z - vlse) : rm::rm_exp(z - vlse);
+      const Vec soft = has_gamma ? rm::grad_softmax_part_p(p, z, vcoef, vgamma, vpz)
+                                 : rm::grad_softmax_part_p(p, vcoef);
+      Vec lin = Ra.p ? vua * Vec::loadu(Ra.p + c0 + j, cnt) : vua;
+      if (two) lin += vub * Vec::loadu(Rb.p + c0 + j, cnt);
+      rm::grad_finish(soft, lin, z, has_cap, vrcp).store(dst + j, cnt);
+    });
+    if constexpr (!direct) store_chunk<scalar_t, acc_t>(buf, n, orow + c0);
+  }
+
+  // 3. the fix-up columns, with every mass that lands on them (duplicates write equal values)
+  for (int64_t f = 0; f < nf; ++f) {
+    const int64_t c = fcol[f];
+    acc_t lin = k.u_a * Ra.at(c) + (two ? k.u_b * Rb.at(c) : acc_t(0));
+    for (int64_t f2 = 0; f2 < nf; ++f2) {
+      if (fcol[f2] == c) lin += fmass[f2];
+    }
+    const acc_t z = has_cap ? rm::softcap_z(fx[f], cap, rcp) : fx[f];
+    const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, k.coef, k.gamma, pz)
+                                 : rm::grad_softmax_part(z, lse, k.coef);
+    orow[c] = static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
+  }
+}
+
+// Rows [begin, end) through the steps `phases` (args.h Phase).
+template <typename scalar_t, typename acc_t>
+void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
+  alignas(64) acc_t buf[kChunk];
+  ChunkView<acc_t> cv;
+  const int64_t max_fix = 2 + 2 * a.K;
   std::vector<int64_t> fcol(max_fix);
   std::vector<acc_t> fmass(max_fix), fx(max_fix);
+  acc_t* stats = static_cast<acc_t*>(a.stats);
+  acc_t* pack = static_cast<acc_t*>(a.pack);
+  using bits_t = std::conditional_t<std::is_same_v<acc_t, double>, int64_t, int32_t>;
+  auto put_bits = [](acc_t* dst, int64_t v) {
+    const bits_t b = static_cast<bits_t>(v);
+    std::memcpy(dst, &b, sizeof(b));
+  };
+  auto get_bits = [](const acc_t* src) {
+    bits_t b;
+    std::memcpy(&b, src, sizeof(b));
+    return static_cast<int64_t>(b);
+  };
 
   for (int64_t i = begin; i < end; ++i) {
-    const scalar_t* xr = static_cast<const scalar_t*>(a.x) + i * a.x_stride;
-    scalar_t* orow = static_cast<scalar_t*>(a.out) + i * a.out_stride;
-    const acc_t* Ra = R + (a.ridx_a ? a.ridx_a[i] : 0) * C;
-    const acc_t* Rb = a.ridx_b ? R + a.ridx_b[i] * C : nullptr;
-    const acc_t lse = get(a.lse, i), coef = get(a.coef, i);
-    const acc_t gamma = has_gamma ? get(a.gamma, i) : acc_t(0);
-    const acc_t pz = has_gamma ? get(a.pz, i) : acc_t(0);
-    const acc_t ua = get(a.u_a, i);
-    const acc_t ub = (Rb && a.u_b) ? get(a.u_b, i) : acc_t(0);
-
-    // 1. the fix-up columns and their logits, read before anything of this row is written
-    int64_t nf = 0;
-    fcol[nf] = a.y_a[i];
-    fmass[nf++] = get(a.t_a, i);
-    if (a.y_b) {
-      fcol[nf] = a.y_b[i];
-      fmass[nf++] = get(a.t_b, i);
-    }
-    for (int64_t k = 0; k < a.K; ++k) {
-      fcol[nf] = a.sp_cols[i * a.K + k];
-      fmass[nf++] = get(a.sp_mass, i * a.K + k);
-    }
-    for (int64_t f = 0; f < nf; ++f) fx[f] = static_cast<acc_t>(xr[fcol[f]]);
-
-    // 2. dense pass: g = softmax part − u_a R_a − u_b R_b, × dz/dx
-    const Vec vlse(lse), vcoef(coef), vgamma(gamma), vpz(pz), vua(ua), vub(ub), vrcp(rcp);
-    const bool lse_finite = lse == lse && lse != -rm::neg_inf<acc_t>() && lse != rm::neg_inf<acc_t>();
-    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, C - c0);
-      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, acc_t(0), cv);
-      // same dtype: write each vector straight into out (reading x first, so out may alias x);
-      // else into buf, converted to the output dtype below
-      constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
-      acc_t* dst = direct ? reinterpret_cast<acc_t*>(orow + c0) : buf;
-      cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
-        // a finite lse means the row holds no NaN or +inf: z − lse is finite or −inf
-        const Vec p = lse_finite ? rm::exp_no_nan(z - vlse) : rm::rm_exp(z - vlse);
-        const Vec soft = has_gamma ? rm::grad_softmax_part_p(p, z, vcoef, vgamma, vpz)
-                                   : rm::grad_softmax_part_p(p, vcoef);
-        Vec lin = vua * Vec::loadu(Ra + c0 + j, cnt);
-        if (Rb) lin += vub * Vec::loadu(Rb + c0 + j, cnt);
-        rm::grad_finish(soft, lin, z, has_cap, vrcp).store(dst + j, cnt);
-      });
-      if constexpr (!direct) store_chunk<scalar_t, acc_t>(buf, n, orow + c0);
-    }
-
-    // 3. the fix-up columns, with every mass that lands on them (duplicates write equal values)
-    for (int64_t f = 0; f < nf; ++f) {
-      const int64_t c = fcol[f];
-      acc_t lin = ua * Ra[c] + (Rb ? ub * Rb[c] : acc_t(0));
-      for (int64_t f2 = 0; f2 < nf; ++f2) {
-        if (fcol[f2] == c) lin += fmass[f2];
+    const bool ignored = a.y_a[i] == a.ignore_index;
+    acc_t lse = 0, eps = 0, pz = 0;
+    if (phases & PH_FINALIZE) {
+      acc_t* pr = pack + i * kWidth;
+      if (ignored && !a.need_stats) {
+        // nothing of this row is observable: skip reading it
+        for (int c = 0; c < kWidth; ++c) pr[c] = acc_t(0);
+      } else {
+        rm::Stats<acc_t> st;
+        if (phases & PH_STATS) {
+          st = row_stats<scalar_t, acc_t>(a, i, buf, cv);
+        } else {
+          const acc_t* sr = stats + i * kWidth;
+          st = {sr[S_M], sr[S_D], sr[S_S], sr[S_DA], sr[S_DB], sr[S_ZA], sr[S_ZB], get_bits(sr + S_ARG)};
+        }
+        const rm::Final<acc_t> f = rm::finalize_row<acc_t>(a, i, st);
+        pr[P_LSE] = f.lse;
+        pr[P_EPS] = f.eps;
+        pr[P_PZ] = f.pz;
+        pr[P_CONF] = f.conf;
+        put_bits(pr + P_ARG, st.arg);
+        pr[P_LOSS] = f.loss;
+        pr[P_W] = f.W;
+        pr[7] = acc_t(0);
+        lse = f.lse;
+        eps = f.eps;
+        pz = f.pz;
       }
-      const acc_t z = has_cap ? rm::softcap_z(fx[f], cap, rcp) : fx[f];
-      const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, coef, gamma, pz)
-                                   : rm::grad_softmax_part(z, lse, coef);
-      orow[c] = static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
+    } else if (phases & PH_STATS) {  // statistics only (vocabulary sharding merges them)
+      acc_t* sr = stats + i * kWidth;
+      if (ignored && !a.need_stats) {
+        for (int c = 0; c < kWidth; ++c) sr[c] = acc_t(0);
+        continue;
+      }
+      const rm::Stats<acc_t> st = row_stats<scalar_t, acc_t>(a, i, buf, cv);
+      sr[S_M] = st.m;
+      sr[S_D] = st.d;
+      sr[S_S] = st.s;
+      sr[S_DA] = st.Da;
+      sr[S_DB] = st.Db;
+      sr[S_ZA] = st.za;
+      sr[S_ZB] = st.zb;
+      put_bits(sr + S_ARG, st.arg);
+    } else {  // gradient from a finished pack
+      const acc_t* pr = pack + i * kWidth;
+      lse = pr[P_LSE];
+      eps = pr[P_EPS];
+      pz = pr[P_PZ];
+    }
+    if (phases & PH_GRAD) {
+      grad_row<scalar_t, acc_t>(a, i, lse, eps, pz, rm::row_go<acc_t>(a, i), buf, cv, fcol, fmass,
+                                fx);
     }
   }
 }
 
-// Entry points seen by ops.cpp (one set per ISA namespace).
-void row_stats(const StatsArgs& a, Dtype dt, int64_t begin, int64_t end) {
+// Entry point seen by ops.cpp (one per ISA namespace).
+void run_rows(const RowArgs& a, Dtype dt, int phases, int64_t begin, int64_t end) {
   switch (dt) {
-    case Dtype::F32: return stats_rows<float, float>(a, begin, end);
-    case Dtype::F64: return stats_rows<double, double>(a, begin, end);
-    case Dtype::BF16: return stats_rows<c10::BFloat16, float>(a, begin, end);
-    case Dtype::F16: return stats_rows<c10::Half, float>(a, begin, end);
-  }
-}
-
-void grad_rows(const GradArgs& a, Dtype dt, int64_t begin, int64_t end) {
-  switch (dt) {
-    case Dtype::F32: return grad_rows_impl<float, float>(a, begin, end);
-    case Dtype::F64: return grad_rows_impl<double, double>(a, begin, end);
-    case Dtype::BF16: return grad_rows_impl<c10::BFloat16, float>(a, begin, end);
-    case Dtype::F16: return grad_rows_impl<c10::Half, float>(a, begin, end);
+    case Dtype::F32: return rows_impl<float, float>(a, phases, begin, end);
+    case Dtype::F64: return rows_impl<double, double>(a, phases, begin, end);
+    case Dtype::BF16: return rows_impl<c10::BFloat16, float>(a, phases, begin, end);
+    case Dtype::F16: return rows_impl<c10::Half, float>(a, phases, begin, end);
   }
 }
 

@@ -1,25 +1,22 @@
-// Kernel-level ops of the compiled backends and their CPU implementation.
-//
-//   fused_ls::ext_row_stats(x, R, ridx_a?, ridx_b?, softcap, need_pz)
-//       -> (m, lse, argmax, dot_a, dot_b, pz)                      dot_b / pz are [0] when absent
-//   fused_ls::ext_grad_rows(x, out!, R, ridx_a?, ridx_b?, lse, pz?, coef, gamma?, u_a, u_b?,
-//                           y_a, t_a, y_b?, t_b?, sparse_cols?, sparse_mass?, softcap) -> ()
-//
-// These are the two row kernels of the contract in fused_ls/backends/__init__.py (the math is in
-// csrc/rowmath.h); the Python ops fused_ls::forward / fused_ls::backward call them through
-// fused_ls/backends/{cpp,cuda}_backend.py. The CUDA implementation is in csrc/cuda/kernels.cu.
+// The kernel-level ops of the compiled backends (schemas below, host side in ../ext_common.h,
+// per-row math in ../rowmath.h) and their CPU implementation; the CUDA one is in
+// ../cuda/kernels.cu. fused_ls/backends/cpp_backend.py calls them.
 //
 // CPU: rows are split over threads with at::parallel_for (each row is reduced by one thread in a
-// fixed order, so results do not depend on the thread count). The row loops are compiled once per
-// instruction set (kernel_{default,avx2,avx512}.cpp); the widest one this CPU supports is used,
-// or the one named by $FUSED_LS_CPU_ISA ("default", "avx2", "avx512"; read at every call).
+// fixed order, and the reductions over rows run serially in row order afterwards, so results do
+// not depend on the thread count). The row loops are compiled once per instruction set
+// (kernel_{default,avx2,avx512}.cpp); the widest one this CPU supports is used, or the one named
+// by $FUSED_LS_CPU_ISA ("default", "avx2", "avx512"; read at every call).
 #include <Python.h>
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -32,10 +29,9 @@
 namespace fused_ls {
 namespace cpu {
 
-#define FLS_DECLARE_ISA(NS)                                               \
-  namespace NS {                                                          \
-  void row_stats(const StatsArgs& a, Dtype dt, int64_t begin, int64_t end); \
-  void grad_rows(const GradArgs& a, Dtype dt, int64_t begin, int64_t end);  \
+#define FLS_DECLARE_ISA(NS)                                                        \
+  namespace NS {                                                                   \
+  void run_rows(const RowArgs& a, Dtype dt, int phases, int64_t begin, int64_t end); \
   }
 FLS_DECLARE_ISA(DEFAULT)
 #ifdef FUSED_LS_HAVE_AVX2
@@ -50,24 +46,23 @@ namespace {
 struct Isa {
   const char* name;
   bool supported;  // by this CPU
-  void (*stats)(const StatsArgs&, Dtype, int64_t, int64_t);
-  void (*grad)(const GradArgs&, Dtype, int64_t, int64_t);
+  void (*run)(const RowArgs&, Dtype, int, int64_t, int64_t);
 };
 
 // Compiled paths, narrowest first, with whether this CPU can run them.
 const std::vector<Isa>& compiled_isas() {
   static const std::vector<Isa> isas = [] {
-    std::vector<Isa> v{{"default", true, &DEFAULT::row_stats, &DEFAULT::grad_rows}};
+    std::vector<Isa> v{{"default", true, &DEFAULT::run_rows}};
 #if defined(FUSED_LS_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    v.push_back({"avx2", avx2, &AVX2::row_stats, &AVX2::grad_rows});
+    v.push_back({"avx2", avx2, &AVX2::run_rows});
 #endif
 #if defined(FUSED_LS_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("fma");
-    v.push_back({"avx512", avx512, &AVX512::row_stats, &AVX512::grad_rows});
+    v.push_back({"avx512", avx512, &AVX512::run_rows});
 #endif
     return v;
   }();
@@ -97,13 +92,13 @@ const Isa& select_isa() {
               names, ")");
 }
 
-Dtype dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
+Dtype dtype_of(at::ScalarType t) {
+  switch (t) {
     case at::kFloat: return Dtype::F32;
     case at::kDouble: return Dtype::F64;
     case at::kBFloat16: return Dtype::BF16;
     case at::kHalf: return Dtype::F16;
-    default: TORCH_CHECK(false, "fused_ls: unsupported dtype ", x.scalar_type());
+    default: TORCH_CHECK(false, "fused_ls: unsupported dtype ", t);
   }
 }
 
@@ -115,39 +110,97 @@ int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int
 // vs 117 ms into an existing buffer). The buffer is about to be written in full, so ask the kernel
 // for transparent huge pages on it: 512× fewer faults. A hint only (no effect where THP is off);
 // $FUSED_LS_NO_HUGEPAGES=1 disables it.
-void advise_huge_pages(const at::Tensor& out) {
+void advise_huge_pages(void* ptr, int64_t bytes_) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!out.is_contiguous() || std::getenv("FUSED_LS_NO_HUGEPAGES") != nullptr) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
+  if (std::getenv("FUSED_LS_NO_HUGEPAGES") != nullptr) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t bytes = static_cast<uintptr_t>(bytes_);
   if (bytes < 8 * kHuge) return;
   const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + bytes) & ~(kHuge - 1);
   if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
 #else
-  (void)out;
+  (void)ptr;
+  (void)bytes_;
 #endif
 }
 
-void check_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), "fused_ls: the cpp backend serves CPU tensors only");
+template <typename T>
+T get(const void* p, int64_t i) {
+  return static_cast<const T*>(p)[i];
 }
 
-// The CPU side of row_stats_op / grad_rows_op (ext_common.h).
-struct CpuDevice {
-  static void check(const at::Tensor& x) { check_cpu(x); }
-  static void stats(const StatsArgs& a, const at::Tensor& x) {
-    const Isa& isa = select_isa();
-    const Dtype dt = dtype_of(x);
-    at::parallel_for(0, x.size(0), grain_rows(a.C),
-                     [&](int64_t begin, int64_t end) { isa.stats(a, dt, begin, end); });
+// The data-dependent checks, in row order so that the first offending value is named: an O(N)
+// serial scan of the targets and per-sample values before the row kernels run.
+template <typename T>
+void validate_rows(const RowArgs& a) {
+  for (int64_t i = 0; i < a.N; ++i) {
+    const int64_t y = a.y_a[i];
+    if (y == a.ignore_index) continue;
+    TORCH_CHECK_INDEX(y >= 0 && y < a.num_classes, "target contains ", y, ", outside [0, ",
+                      a.num_classes, ") and not ignore_index=", a.ignore_index);
+    if (a.y_b) {
+      const int64_t yb = a.y_b[i];
+      TORCH_CHECK_INDEX(yb >= 0 && yb < a.num_classes, "mix_target contains ", yb,
+                        " on a non-ignored row, outside [0, ", a.num_classes, ")");
+    }
   }
-  static void grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out) {
+  for (const auto& [name, p] : {std::pair<const char*, const void*>{"smoothing", a.eps_rows},
+                                {"mix_lambda", a.lam_rows}}) {
+    if (!p) continue;
+    for (int64_t i = 0; i < a.N; ++i) {
+      const T v = get<T>(p, i);
+      TORCH_CHECK_VALUE(v >= T(0) && v <= T(1), name,
+                        " (per-sample tensor) must lie in [0, 1]; found ", v);
+    }
+  }
+}
+
+// The CPU side of the ops in ext_common.h.
+struct CpuDevice {
+  static void check(const at::Tensor& x) {
+    TORCH_CHECK(x.device().is_cpu(), "fused_ls: the cpp backend serves CPU tensors only");
+  }
+  static void validate(const RowArgs& a, at::ScalarType acc) {
+    // (the per-sample tensors hold the accumulation dtype)
+    if (acc == at::kDouble) {
+      validate_rows<double>(a);
+    } else {
+      validate_rows<float>(a);
+    }
+  }
+  static void run(const RowArgs& a, int phases, at::ScalarType x_dtype) {
+    if (a.N == 0) return;
     const Isa& isa = select_isa();
-    const Dtype dt = dtype_of(x);
-    if (out.data_ptr() != x.data_ptr()) advise_huge_pages(out);
-    at::parallel_for(0, x.size(0), grain_rows(a.C),
-                     [&](int64_t begin, int64_t end) { isa.grad(a, dt, begin, end); });
+    const Dtype dt = dtype_of(x_dtype);
+    if ((phases & PH_GRAD) && a.out != a.x) {
+      advise_huge_pages(a.out, a.N * a.out_stride * c10::elementSize(x_dtype));
+    }
+    at::parallel_for(0, a.N, grain_rows(std::max<int64_t>(a.C, 64)),
+                     [&](int64_t begin, int64_t end) { isa.run(a, dt, phases, begin, end); });
+  }
+  // Σ W_i and Σ loss_i in row order (in double), into the totals row and the reduced loss.
+  static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss) {
+    AT_DISPATCH_FLOATING_TYPES(pack.scalar_type(), "fused_ls_reduce", [&] {
+      scalar_t* pk = pack.data_ptr<scalar_t>();
+      double sw = 0, sl = 0;
+      for (int64_t i = 0; i < a.N; ++i) {
+        sw += pk[i * kWidth + P_W];
+        sl += pk[i * kWidth + P_LOSS];
+      }
+      scalar_t* tot = pk + a.N * kWidth;
+      for (int c = 0; c < kWidth; ++c) tot[c] = scalar_t(0);
+      tot[0] = static_cast<scalar_t>(sw);
+      tot[1] = static_cast<scalar_t>(sl);
+      scalar_t* out = loss.data_ptr<scalar_t>();
+      if (a.reduction == RED_NONE) {
+        for (int64_t i = 0; i < a.N; ++i) out[i] = pk[i * kWidth + P_LOSS];
+      } else if (a.reduction == RED_SUM) {
+        out[0] = tot[1];
+      } else {
+        out[0] = tot[1] / tot[0];
+      }
+    });
   }
 };
 
@@ -166,23 +219,19 @@ std::vector<std::string> cpu_isas() {
 }  // namespace fused_ls
 
 TORCH_LIBRARY_FRAGMENT(fused_ls, m) {
-  m.def(
-      "ext_row_stats(Tensor x, Tensor R, Tensor? ridx_a, Tensor? ridx_b, float softcap, "
-      "bool need_pz) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ext_grad_rows(Tensor x, Tensor(a!) out, Tensor R, Tensor? ridx_a, Tensor? ridx_b, "
-      "Tensor lse, Tensor? pz, Tensor coef, Tensor? gamma, Tensor u_a, Tensor? u_b, Tensor y_a, "
-      "Tensor t_a, Tensor? y_b, Tensor? t_b, Tensor? sparse_cols, Tensor? sparse_mass, "
-      "float softcap) -> ()");
+  m.def("ext_forward(Tensor x, " FLS_PROBLEM_SCHEMA ") -> (Tensor, Tensor)");
+  m.def("ext_backward(Tensor grad_loss, Tensor x, Tensor(a!) out, Tensor pack, " FLS_PROBLEM_SCHEMA
+        ") -> ()");
+  m.def("ext_forward_backward(Tensor x, Tensor(a!) out, Tensor grad_loss, " FLS_PROBLEM_SCHEMA
+        ") -> (Tensor, Tensor)");
+  m.def("ext_row_stats(Tensor x, " FLS_PROBLEM_SCHEMA ") -> Tensor");
+  m.def("ext_finalize(Tensor stats, " FLS_PROBLEM_SCHEMA ") -> (Tensor, Tensor)");
   // The CPU path the next call would take, and the paths compiled in and supported by this CPU.
   m.def("ext_cpu_isa() -> str", &fused_ls::cpu::cpu_isa);
   m.def("ext_cpu_isas() -> str[]", &fused_ls::cpu::cpu_isas);
 }
 
-TORCH_LIBRARY_IMPL(fused_ls, CPU, m) {
-  m.impl("ext_row_stats", &fused_ls::row_stats_op<fused_ls::cpu::CpuDevice>);
-  m.impl("ext_grad_rows", &fused_ls::grad_rows_op<fused_ls::cpu::CpuDevice>);
-}
+TORCH_LIBRARY_IMPL(fused_ls, CPU, m) { FLS_REGISTER_IMPLS(m, fused_ls::cpu::CpuDevice); }
 
 // `import fused_ls._C` loads this library, which runs the registrations above.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

@@ -1,0 +1,376 @@
+"""The keywords every entry point shares, parsed and validated once, here.
+
+``label_smoothing_cross_entropy``, ``FusedLabelSmoothingCE``, the fused linear head and the
+vocabulary-parallel path all take the same smoothing keywords. ``parse_options`` turns them into
+an immutable ``LossOptions`` (scalar checks only: no tensor op, no host sync), and
+``LossOptions.bind`` checks the tensors against a concrete problem (number of classes, target
+shape, device) and produces the positional arguments of the ``fused_ls::`` ops. Data-dependent
+checks (target range, per-sample values, similarity entries) happen where the data is read: in
+the kernels, or once per similarity tensor in ``fused_ls._smoothing``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+ADAPTIVE_MODES = {None: 0, "max": 1, "target": 2}
+
+
+class Stats(NamedTuple):
+    """Row statistics from the same pass as the loss, each of the target's shape (detached)."""
+
+    lse: Tensor  #: log-sum-exp of the (soft-capped) logits
+    confidence: Tensor  #: max softmax probability
+    prediction: Tensor  #: argmax class (int64)
+
+
+class ConfidenceAdaptive:
+    """Per-sample adaptive smoothing: ε_i ← min(1, ε_i·factor) where the row's detached confidence
+    is below ``threshold``. ``confidence="max"`` uses the max softmax probability, ``"target"``
+    the probability of the target class. No gradient flows through ε_i."""
+
+    def __init__(self, threshold: float = 0.8, factor: float = 2.0, confidence: str = "max"):
+        if not (_is_real_scalar(threshold) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"ConfidenceAdaptive: threshold must be in [0, 1], got {threshold!r}")
+        if not (_is_real_scalar(factor) and _finite(factor) and factor >= 0):
+            raise ValueError(f"ConfidenceAdaptive: factor must be finite and >= 0, got {factor!r}")
+        if confidence not in ("max", "target"):
+            raise ValueError(
+                f"ConfidenceAdaptive: confidence must be 'max' or 'target', got {confidence!r}"
+            )
+        self.threshold = float(threshold)
+        self.factor = float(factor)
+        self.confidence = confidence
+
+    def __repr__(self) -> str:
+        return (
+            f"ConfidenceAdaptive(threshold={self.threshold}, factor={self.factor}, "
+            f"confidence={self.confidence!r})"
+        )
+
+
+class SparseSimilarity:
+    """A sparse class-similarity matrix: for each class c, ``k`` neighbour ids ``indices[c]``
+    (-1 = padding) with non-negative weights ``values[c]``. Rows are normalised to sum 1 at
+    construction (validation happens once, here, not on the training hot path).
+
+    Args:
+        indices: int tensor [C, k], entries in [-1, C).
+        values: float tensor [C, k], finite and >= 0; each row must have positive mass.
+    """
+
+    def __init__(self, indices: Tensor, values: Tensor):
+        if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.is_floating_point():
+            raise ValueError("SparseSimilarity: indices must be an integer tensor of shape [C, k]")
+        if (
+            not isinstance(values, Tensor)
+            or values.shape != indices.shape
+            or not values.is_floating_point()
+        ):
+            raise ValueError(
+                f"SparseSimilarity: values must be a float tensor of indices' shape "
+                f"{tuple(indices.shape)}, got "
+                f"{tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__}"
+            )
+        if values.device != indices.device:
+            raise ValueError("SparseSimilarity: indices and values must be on the same device")
+        C = indices.shape[0]
+        idx = indices.long()
+        if bool(((idx < -1) | (idx >= C)).any()):
+            raise ValueError(f"SparseSimilarity: indices must lie in [-1, {C}) (-1 = padding)")
+        # normalised in float64 once; the op rounds to its accumulation dtype
+        vals = torch.where(idx >= 0, values.double(), 0)
+        if not bool(torch.isfinite(vals).all()) or bool((vals < 0).any()):
+            raise ValueError("SparseSimilarity: values must be finite and non-negative")
+        sums = vals.sum(1, keepdim=True)
+        if bool((sums <= 0).any()):
+            row = int((sums[:, 0] <= 0).nonzero()[0, 0])
+            raise ValueError(f"SparseSimilarity: row {row} has no positive weight")
+        self.indices = idx.contiguous()
+        self.values = (vals / sums).contiguous()
+
+    @property
+    def num_classes(self) -> int:
+        return self.indices.shape[0]
+
+    @classmethod
+    def from_dense(cls, similarity: Tensor, k: int) -> SparseSimilarity:
+        """Keep the k largest entries of each row of a dense [C, C] similarity."""
+        vals, idx = similarity.topk(k, dim=1)
+        return cls(idx, vals)
+
+    def to(self, device) -> SparseSimilarity:
+        out = object.__new__(SparseSimilarity)
+        out.indices, out.values = self.indices.to(device), self.values.to(device)
+        return out
+
+    def __repr__(self) -> str:
+        return f"SparseSimilarity(num_classes={self.num_classes}, k={self.indices.shape[1]})"
+
+
+def _is_real_scalar(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    # written without math.isfinite so that torch.compile(dynamic=True) can trace symbolic floats
+    return v - v == 0
+
+
+def _unit_interval(name: str, v) -> float:
+    if not _is_real_scalar(v) or not (0.0 <= v <= 1.0):  # NaN fails the comparison
+        raise ValueError(
+            f"{name} must be a float in [0, 1] or a tensor of the target's shape, got {v!r}"
+        )
+    return float(v)
+
+
+def _parse_smoothing(v) -> tuple[float, Tensor | None]:
+    """(scalar ε, per-sample ε tensor or None)."""
+    if isinstance(v, Tensor):
+        return 0.0, v
+    return _unit_interval("smoothing", v), None
+
+
+def _parse_mix(mix_target, mix_lambda) -> tuple[float, Tensor | None]:
+    """(scalar λ, per-sample λ tensor or None) of mixup; λ = 1 without mixup."""
+    if mix_target is None:
+        if mix_lambda is not None:
+            raise ValueError("mix_lambda given without mix_target")
+        return 1.0, None
+    if not isinstance(mix_target, Tensor):
+        raise ValueError("mix_target must be an integer tensor of the target's shape")
+    if mix_lambda is None:
+        raise ValueError("mix_lambda is required with mix_target")
+    if isinstance(mix_lambda, Tensor):
+        return 1.0, mix_lambda
+    return _unit_interval("mix_lambda", mix_lambda), None
+
+
+def _per_sample(name: str, v: Tensor, target_shape, device) -> Tensor:
+    if tuple(v.shape) != tuple(target_shape):
+        raise ValueError(
+            f"{name} tensor must have the target's shape {tuple(target_shape)}, "
+            f"got {tuple(v.shape)}"
+        )
+    if not v.is_floating_point():
+        raise ValueError(f"{name} tensor must be floating point, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device} but logits are on {device}")
+    v = v.detach()
+    return v if v.dim() == 1 else v.reshape(-1)
+
+
+def _check_device(name: str, t: Tensor, device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def class_indices(name: str, t: Tensor) -> Tensor:
+    """[N] int64 class ids from a target-shaped integer tensor (no copy when already int64)."""
+    if t.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor of class indices, got {t.dtype}")
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    return t if t.dtype == torch.int64 else t.long()
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The validated keywords (see ``label_smoothing_cross_entropy`` for their meaning)."""
+
+    smoothing: float = 0.1
+    smoothing_rows: Tensor | None = None  # per-sample ε (a tensor of the target's shape)
+    weight: Tensor | None = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    similarity: Tensor | None = None  # dense [C, C]
+    sparse: SparseSimilarity | None = None
+    similarity_mix: float = 1.0
+    adaptive: ConfidenceAdaptive | None = None
+    z_loss: float = 0.0
+    softcap: float = 0.0  # 0: none
+    confidence_penalty: float = 0.0
+    mix_target: Tensor | None = None
+    mix_lambda: float = 1.0
+    mix_rows: Tensor | None = None  # per-sample λ
+    return_stats: bool = False
+    backend: str = "auto"
+    inplace_backward: bool = False
+    process_group: object | None = None
+
+    def replace(self, **kw) -> LossOptions:
+        """A copy with ``smoothing`` and/or the mixup keywords changed, validated like the
+        originals (the module's per-call overrides and its settable ``smoothing``)."""
+        fields = {}
+        if "smoothing" in kw:
+            fields["smoothing"], fields["smoothing_rows"] = _parse_smoothing(kw.pop("smoothing"))
+        if "mix_target" in kw or "mix_lambda" in kw:
+            mt, ml = kw.pop("mix_target", None), kw.pop("mix_lambda", None)
+            fields["mix_target"] = mt
+            fields["mix_lambda"], fields["mix_rows"] = _parse_mix(mt, ml)
+        if kw:
+            raise TypeError(f"LossOptions.replace: unexpected keyword(s) {sorted(kw)}")
+        return dataclasses.replace(self, **fields)
+
+    def num_classes_hint(self) -> int | None:
+        """The full number of classes implied by class weights or similarity, if any."""
+        if self.weight is not None:
+            return self.weight.shape[0]
+        if self.similarity is not None:
+            return self.similarity.shape[0]
+        if self.sparse is not None:
+            return self.sparse.num_classes
+        return None
+
+    def bind(self, num_classes: int, target_shape, device: torch.device) -> tuple:
+        """Check the tensors against a problem with ``num_classes`` classes (all of them, also
+        when the logits hold a vocabulary shard), targets of ``target_shape`` on ``device``, and
+        return the tensor arguments of the ``fused_ls::`` ops that come after ``(x, target)``:
+        ``(weight, eps_rows, similarity, sparse_idx, sparse_val, mix_target, mix_rows)``."""
+        C = num_classes
+        w = self.weight
+        if w is not None:
+            if w.shape[0] != C:
+                raise ValueError(f"weight must have C={C} elements, got {w.shape[0]}")
+            _check_device("weight", w, device)
+        eps_rows = self.smoothing_rows
+        if eps_rows is not None:
+            eps_rows = _per_sample("smoothing", eps_rows, target_shape, device)
+        dense = self.similarity
+        if dense is not None:
+            if tuple(dense.shape) != (C, C):
+                raise ValueError(
+                    f"similarity must be [C, C] = [{C}, {C}], got {tuple(dense.shape)}"
+                )
+            _check_device("similarity", dense, device)
+            dense = dense.detach()
+        sp_idx = sp_val = None
+        if self.sparse is not None:
+            sp = self.sparse
+            if sp.num_classes != C:
+                raise ValueError(f"similarity has {sp.num_classes} classes, logits have {C}")
+            if sp.indices.device != device:
+                sp = sp.to(device)
+            sp_idx, sp_val = sp.indices, sp.values
+        mix_y = mix_rows = None
+        if self.mix_target is not None:
+            mt = self.mix_target
+            if tuple(mt.shape) != tuple(target_shape) or mt.is_floating_point():
+                raise ValueError(
+                    "mix_target must be an integer tensor of the target's shape "
+                    f"{tuple(target_shape)}"
+                )
+            _check_device("mix_target", mt, device)
+            mix_y = class_indices("mix_target", mt)
+            if self.mix_rows is not None:
+                mix_rows = _per_sample("mix_lambda", self.mix_rows, target_shape, device)
+        return w, eps_rows, dense, sp_idx, sp_val, mix_y, mix_rows
+
+    def scalars(self) -> tuple:
+        """The scalar arguments of the ``fused_ls::`` ops that come from the options, in schema
+        order (``fused_ls._problem.Problem``): smoothing, ignore_index, adaptive_threshold,
+        adaptive_factor, adaptive_mode, z_loss, softcap, confidence_penalty, mix_lambda,
+        reduction. (similarity_mix is folded into the prepared smoothing.)"""
+        a = self.adaptive
+        return (
+            self.smoothing,
+            self.ignore_index,
+            a.threshold if a is not None else 0.0,
+            a.factor if a is not None else 1.0,
+            ADAPTIVE_MODES[a.confidence if a is not None else None],
+            self.z_loss,
+            self.softcap,
+            self.confidence_penalty,
+            self.mix_lambda,
+            REDUCTIONS[self.reduction],
+        )
+
+
+def parse_options(
+    smoothing: float | Tensor = 0.1,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    similarity: Tensor | SparseSimilarity | None = None,
+    similarity_mix: float = 1.0,
+    adaptive: ConfidenceAdaptive | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    confidence_penalty: float = 0.0,
+    mix_target: Tensor | None = None,
+    mix_lambda: float | Tensor | None = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+    process_group=None,
+) -> LossOptions:
+    """Validate the shared keywords (everything that needs no logits) into ``LossOptions``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+    smoothing, eps_rows = _parse_smoothing(smoothing)
+    if weight is not None:
+        if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
+            raise ValueError("weight must be a 1-D floating-point tensor of C class weights")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    dense = sparse = None
+    if isinstance(similarity, SparseSimilarity):
+        sparse = similarity
+    elif isinstance(similarity, Tensor):
+        if similarity.dim() != 2 or not similarity.is_floating_point():
+            raise ValueError(
+                "similarity must be [C, C] floating point, got "
+                f"{tuple(similarity.shape)} {similarity.dtype}"
+            )
+        dense = similarity
+    elif similarity is not None:
+        raise TypeError(
+            "similarity must be None, a [C, C] tensor or SparseSimilarity, got "
+            f"{type(similarity).__name__}"
+        )
+    beta = _unit_interval("similarity_mix", similarity_mix)
+    if adaptive is not None and not isinstance(adaptive, ConfidenceAdaptive):
+        raise TypeError(
+            f"adaptive must be None or ConfidenceAdaptive, got {type(adaptive).__name__}"
+        )
+    for name, v in (("z_loss", z_loss), ("confidence_penalty", confidence_penalty)):
+        if not _is_real_scalar(v) or not _finite(v):
+            raise ValueError(f"{name} must be a finite float, got {v!r}")
+    if softcap is not None and not (_is_real_scalar(softcap) and _finite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    lam, mix_rows = _parse_mix(mix_target, mix_lambda)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    return LossOptions(
+        smoothing=smoothing,
+        smoothing_rows=eps_rows,
+        weight=weight,
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        similarity=dense,
+        sparse=sparse,
+        similarity_mix=beta,
+        adaptive=adaptive,
+        z_loss=float(z_loss),
+        softcap=float(softcap or 0.0),
+        confidence_penalty=float(confidence_penalty),
+        mix_target=mix_target,
+        mix_lambda=lam,
+        mix_rows=mix_rows,
+        return_stats=bool(return_stats),
+        backend=backend,
+        inplace_backward=bool(inplace_backward),
+        process_group=process_group,
+    )
