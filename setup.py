@@ -1,13 +1,14 @@
-"""Build script. The compiled extensions (fused_ls/csrc/) are optional: a missing compiler never breaks
-`pip install` or `import fused_ls`; the pure-torch backend then serves.
+"""Build script. The compiled extensions (fused_ls/csrc/) are optional: a missing compiler never
+breaks `pip install` or `import fused_ls`; the pure-torch backend then serves.
 
 What gets built, as the extension module ``fused_ls._C``:
 
-- always (when a C++ compiler and torch's headers are usable): the CPU kernels (fused_ls/csrc/cpu), the
-  row loops compiled once per instruction set on x86-64 (baseline, AVX2+FMA, AVX-512; the widest
-  the CPU supports is picked at run time, $FUSED_LS_CPU_ISA forces one); baseline only elsewhere;
-- the CUDA kernels (fused_ls/csrc/cuda) too, when torch is a CUDA build and nvcc is found ($CUDA_HOME, or
-  nvcc on PATH; $TORCH_CUDA_ARCH_LIST picks the GPU architectures).
+- always (when a C++ compiler and torch's headers are usable): the CPU kernels
+  (fused_ls/csrc/cpu), the row loops compiled once per instruction set on x86-64 (baseline,
+  AVX2+FMA, AVX-512; the widest the CPU supports is picked at run time, $FUSED_LS_CPU_ISA forces
+  one); baseline only elsewhere;
+- the CUDA kernels (fused_ls/csrc/cuda) too, when torch is a CUDA build and nvcc is found
+  ($CUDA_HOME, or nvcc on PATH; $TORCH_CUDA_ARCH_LIST picks the GPU architectures).
 
 Environment: FUSED_LS_NO_EXT=1 skips the extension; FUSED_LS_NO_CUDA=1 builds the CPU part only;
 FUSED_LS_STRICT_BUILD=1 makes a build failure fatal (used by `make cuda-check`); DEBUG=1 builds
@@ -29,8 +30,8 @@ STRICT = os.environ.get("FUSED_LS_STRICT_BUILD") == "1"
 DEBUG = os.environ.get("DEBUG") == "1"
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and sys.platform != "win32"
 
-# Extra compiler flags of the per-ISA kernel translation units (fused_ls/csrc/cpu/kernel_<isa>.cpp); the
-# rest of the extension is compiled with the baseline flags.
+# Extra compiler flags of the per-ISA kernel translation units
+# (fused_ls/csrc/cpu/kernel_<isa>.cpp); the rest of the extension is compiled with the baseline flags.
 ISA_FLAGS = {
     "kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
     "kernel_avx512.cpp": [

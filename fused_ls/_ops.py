@@ -50,7 +50,7 @@ def _problem(args) -> tuple[Problem, str]:
     return Problem(*args[:-1]), args[-1]
 
 
-# ---- implementations: the named backend --------------------------------------------------------
+# ---- implementations: the named backend ---------------------------------------------------------
 def _forward(x, *args):
     p, b = _problem(args)
     return backends.get(b).forward(x, p)
@@ -76,7 +76,7 @@ def _finalize(stats, *args):
     return backends.get(b).finalize(stats, p)
 
 
-# ---- fake kernels --------------------------------------------------------------------------------
+# ---- fake kernels -------------------------------------------------------------------------------
 def _outputs_like(x: Tensor, n: int, p: Problem) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     return x.new_empty(loss_shape(p, n), dtype=acc), x.new_empty(n + 1, WIDTH, dtype=acc)
@@ -114,7 +114,7 @@ for _name, _impl, _fake in (
     torch.library.register_fake(f"fused_ls::{_name}", _fake, lib=_lib)
 
 
-# ---- dispatch ------------------------------------------------------------------------------------
+# ---- dispatch -----------------------------------------------------------------------------------
 def call(kind: str, backend: str, *args):
     """Run ``kind`` ("forward", "backward", ...) on ``backend``: directly in eager mode and for
     the compiled backends, through the ``fused_ls::`` op for Python backends under tracing."""
@@ -131,7 +131,7 @@ def bump_version(t: Tensor) -> None:
     torch.autograd.graph.increment_version(t)
 
 
-# ---- autograd ------------------------------------------------------------------------------------
+# ---- autograd -----------------------------------------------------------------------------------
 class LossFunction(torch.autograd.Function):
     """loss, pack = LossFunction.apply(x, backend, inplace_backward, *problem)."""
 
