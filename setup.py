@@ -31,7 +31,8 @@ DEBUG = os.environ.get("DEBUG") == "1"
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and sys.platform != "win32"
 
 # Extra compiler flags of the per-ISA kernel translation units
-# (fused_ls/csrc/cpu/kernel_<isa>.cpp); the rest of the extension is compiled with the baseline flags.
+# (fused_ls/csrc/cpu/kernel_<isa>.cpp); the rest of the extension is compiled with the baseline
+# flags.
 ISA_FLAGS = {
     "kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
     "kernel_avx512.cpp": [
