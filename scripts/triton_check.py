@@ -31,12 +31,22 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default; s
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DTYPES = ("fp32", "bf16", "fp16")
-R_MODES = {  # name: (PER_ROW_R, HAS_B)
-    "R1": (False, False),  # [1, C] smoothing row: uniform / weights / sparse similarity
-    "RC": (True, False),  # [C, C] dense similarity
-    "RCx2": (True, True),  # dense similarity with mixup: two rows per sample
+# R_MODE (0: uniform r0, 1: r0·w, 2: dense rows) and HAS_B (a second dense row for mixup)
+R_MODES = {"R0": (0, False), "Rw": (1, False), "RC": (2, False), "RCx2": (2, True)}
+KP = 8  # the point masses: two targets and up to 3 sparse neighbours each
+
+# Argument types by name (pointer element types, scalar widths), as the launches pass them.
+POINTERS_I64 = {"Y_A", "Y_B", "SP_IDX"}
+FLOAT_SCALARS = {
+    "r0",
+    "eps",
+    "lam",
+    "adaptive_threshold",
+    "adaptive_factor",
+    "z_loss",
+    "cp",
+    "softcap",
 }
-KP_VALUES = (2, 8)  # targets only; targets + up to 6 sparse neighbours
 
 
 def _aligned(names, sig):
@@ -48,78 +58,64 @@ def _aligned(names, sig):
     }
 
 
+def signature(fn, dt: str, constexprs: dict) -> dict:
+    """The argument types of kernel `fn` for logits of dtype `dt` (names → Triton types)."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("X", "OUT"):
+            sig[name] = f"*{dt}"
+        elif name in POINTERS_I64:
+            sig[name] = "*i64"
+        elif name.isupper() and name not in ("N", "S", "K", "C"):  # those are sizes
+            sig[name] = "*fp32"
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
 def specialisations():
-    """(label, kernel name, signature, constexprs, num_warps) of every specialisation."""
+    """(label, kernel name, constexprs, dtype, num_warps, debug) of every specialisation; the
+    rows and merge kernels are launched with debug=True (device-side asserts)."""
     from fused_ls import triton_kernels as tk
 
     block = tk.BLOCK_MAX
     warps = tk.num_warps_for(block)
     out = []
-    for dt, (rname, (per_row, has_b)), pz, cap in itertools.product(
-        DTYPES, R_MODES.items(), (False, True), (False, True)
+    base = dict(BLOCK=block, KP=KP, POINT_CHUNK=tk.POINT_CHUNK)
+    grid = itertools.product(DTYPES, R_MODES.items(), (False, True), (False, True))
+    for dt, (rname, (r_mode, has_b)), pz, cap in grid:
+        flags = dict(R_MODE=r_mode, HAS_B=has_b, NEED_PZ=pz, HAS_SOFTCAP=cap)
+        label = f"{dt} {rname} pz={int(pz)} softcap={int(cap)}"
+        # forward_backward with stats: every code path of the rows kernel at once
+        phases = dict(FINALIZE=True, GRAD=True, STATS_OUT=False, NEED_STATS=True)
+        out.append((f"rows fwd+bwd {label}", "_rows_kernel", {**base, **flags, **phases}, dt,
+                    warps, True))  # fmt: skip
+        out.append((f"grad         {label}", "_grad_kernel", {**base, **flags}, dt, warps, False))
+    for dt, (name, phases) in itertools.product(
+        ("fp32", "bf16"),
+        {
+            "forward": dict(FINALIZE=True, GRAD=False, STATS_OUT=False, NEED_STATS=False),
+            "stats": dict(FINALIZE=False, GRAD=False, STATS_OUT=True, NEED_STATS=True),
+            "partial": dict(FINALIZE=False, GRAD=False, STATS_OUT=False, NEED_STATS=True),
+        }.items(),
     ):
-        flags = f"{rname} pz={int(pz)} softcap={int(cap)}"
-        sig = dict(
-            X=f"*{dt}",
-            stride_x="i32",
-            R="*fp32",
-            stride_r="i32",
-            RIDX_A="*i64",
-            RIDX_B="*i64",
-            PART="*fp32",
-            PART_ARG="*i64",
-            C="i32",
-            S="i32",
-            cols_per_split="i32",
-            softcap="fp32",
+        flags = dict(R_MODE=1, HAS_B=False, NEED_PZ=False, HAS_SOFTCAP=False)
+        out.append((f"rows {name:7s} {dt} Rw", "_rows_kernel", {**base, **flags, **phases}, dt,
+                    warps, True))  # fmt: skip
+    for dt, dense, pz, (gather, finalize) in itertools.product(
+        ("fp32", "bf16"), (False, True), (False, True), ((True, True), (True, False), (False, True))
+    ):
+        ce = dict(SP=4, KP=KP, DENSE=dense, NEED_PZ=pz, HAS_SOFTCAP=True, GATHER=gather,
+                  FINALIZE=finalize)  # fmt: skip
+        label = (
+            f"merge {dt} dense={int(dense)} pz={int(pz)} gather={int(gather)} fin={int(finalize)}"
         )
-        ce = dict(BLOCK=block, PER_ROW_R=per_row, HAS_B=has_b, NEED_PZ=pz, HAS_SOFTCAP=cap)
-        out.append((f"row_stats {dt} {flags}", "_row_stats_kernel", sig, ce, warps))
-        for kp in KP_VALUES:
-            sig = dict(
-                X=f"*{dt}",
-                stride_x="i32",
-                OUT=f"*{dt}",
-                stride_o="i32",
-                R="*fp32",
-                stride_r="i32",
-                RIDX_A="*i64",
-                RIDX_B="*i64",
-                LSE="*fp32",
-                PZ="*fp32",
-                TERMS="*fp32",
-                Y_A="*i64",
-                Y_B="*i64",
-                SP_COLS="*i64",
-                SP_MASS="*fp32",
-                K="i32",
-                C="i32",
-                cols_per_split="i32",
-                softcap="fp32",
-            )
-            ce = dict(
-                BLOCK=block,
-                KP=kp,
-                PER_ROW_R=per_row,
-                HAS_B=has_b,
-                NEED_PZ=pz,
-                HAS_SOFTCAP=cap,
-                POINT_CHUNK=tk.POINT_CHUNK,
-            )
-            out.append((f"grad      {dt} {flags} KP={kp}", "_grad_kernel", sig, ce, warps))
-    for sp in (1, 4, 8):
-        sig = dict(
-            PART="*fp32",
-            PART_ARG="*i64",
-            M="*fp32",
-            LSE="*fp32",
-            ARG="*i64",
-            DOT_A="*fp32",
-            DOT_B="*fp32",
-            PZ="*fp32",
-            S="i32",
-        )
-        out.append((f"merge     SP={sp}", "_merge_stats_kernel", sig, dict(SP=sp), 1))
+        out.append((label, "_merge_kernel", ce, dt, 1, True))
+    out.append(("reduce", "_reduce_kernel", dict(BLOCK=tk.REDUCE_BLOCK), "fp32", 4, False))
     return out
 
 
@@ -145,7 +141,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 def compile_one(job):
     """Compile one specialisation for one arch; returns (ok, line)."""
-    label, kernel, sig, ce, warps, arch = job
+    label, kernel, ce, dt, warps, debug, arch = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -153,21 +149,20 @@ def compile_one(job):
     from fused_ls import triton_kernels as tk
 
     fn = getattr(tk, kernel)
-    full = dict(sig)
-    full.update({k: "constexpr" for k in ce})
     names = fn.arg_names
-    missing = set(names) ^ set(full)
+    missing = set(ce) - set(names)
     if missing:
-        return False, f"sm_{arch} {label}: signature does not match the kernel ({sorted(missing)})"
-    full = {n: full[n] for n in names}
+        return False, f"sm_{arch} {label}: no such constexpr in the kernel ({sorted(missing)})"
+    full = signature(fn, dt, ce)
+    options = dict(num_warps=warps, debug=debug, sanitize_overflow=False)
     t0 = time.perf_counter()
     try:
         src = ASTSource(fn, full, ce, _aligned(names, full))
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # noqa: BLE001 - every compile error is a failed check
         msg = str(e).strip().splitlines()
         return False, f"FAIL sm_{arch} {label}: {type(e).__name__}: {msg[-1] if msg else ''}"
-    dt = time.perf_counter() - t0
+    secs = time.perf_counter() - t0
     res = _resources(ck.asm["cubin"])
     usage = (
         f"regs={res.get('REG', '?'):>3} smem={res.get('SHARED', '?'):>5} "
@@ -178,7 +173,7 @@ def compile_one(job):
     ok = res.get("LOCAL", 0) == 0
     tag = "ok  " if ok else "FAIL"
     why = "" if ok else "  <- local memory: register spills"
-    return ok, f"{tag} sm_{arch} {label:48s} warps={warps} {usage} {dt:5.2f}s{why}"
+    return ok, f"{tag} sm_{arch} {label:52s} warps={warps} {usage} {secs:5.2f}s{why}"
 
 
 def main() -> int:

@@ -34,6 +34,10 @@ from dataclasses import dataclass
 import torch
 
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
+FORWARD_BACKWARD_MEAN = (
+    "forward_backward needs the upstream gradient in advance: reduction 'none' or 'sum' "
+    "(scale a sum by 1/ΣW for a mean)"
+)
 ENV_VAR = "FUSED_LS_BACKEND"
 
 
@@ -84,6 +88,8 @@ class Backend:
         raise NotImplementedError
 
     def forward_backward(self, x, out, grad_loss, p):
+        if p.reduction == 1:  # _problem.R_MEAN
+            raise ValueError(FORWARD_BACKWARD_MEAN)
         loss, pack = self.forward(x, p)
         self.backward(grad_loss, x, out, pack, p)
         return loss, pack

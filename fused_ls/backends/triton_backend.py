@@ -22,7 +22,7 @@ import functools
 import torch
 
 from .._problem import R_MEAN, R_NONE, WIDTH, Problem
-from . import Backend, Request, register
+from . import FORWARD_BACKWARD_MEAN, Backend, Request, register
 from .torch_backend import validate
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -231,7 +231,7 @@ class TritonBackend(Backend):
 
     def forward_backward(self, x, out, grad_loss, p: Problem):
         if p.reduction == R_MEAN:
-            raise ValueError("forward_backward takes reduction 'none' or 'sum'")
+            raise ValueError(FORWARD_BACKWARD_MEAN)
         return self._finalised(
             x, p, out=out, go=grad_loss.to(torch.float32).reshape(-1).contiguous()
         )

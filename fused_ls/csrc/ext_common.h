@@ -15,7 +15,8 @@
 //   static void check(const at::Tensor& x);            the tensors' device is served
 //   static void validate(const RowArgs& a, acc dtype);  target / per-sample ranges (CPU: raises;
 //                                                      CUDA: device-side asserts in the kernels)
-//   static void run(const RowArgs& a, int phases, at::ScalarType x_dtype);   the row kernels
+//   static void run(const RowArgs& a, int phases, const at::Tensor& x);  the row kernels (x: the
+//                                                      logits, or the stats for ext_finalize)
 //   static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss);
 //                                                      totals row + the reduced loss
 //
@@ -194,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, FLS_PROBLEM_P
   call.logits(x);
   Device::validate(call.a, call.acc);
   auto outs = call.outputs();
-  Device::run(call.a, PH_STATS | PH_FINALIZE, x.scalar_type());
+  Device::run(call.a, PH_STATS | PH_FINALIZE, x);
   Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
   return outs;
 }
@@ -213,7 +214,7 @@ void backward_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Ten
   call.a.pack = const_cast<void*>(call.prep(pack, call.acc, "pack"));
   call.a.go_mean = call.a.reduction == RED_MEAN;
   if (x.size(0) == 0 || x.size(1) == 0) return;
-  Device::run(call.a, PH_GRAD, x.scalar_type());
+  Device::run(call.a, PH_GRAD, x);
 }
 
 template <typename Device>
@@ -230,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(const at::Tensor& x, cons
   call.gradient(x, out, grad_loss);
   Device::validate(call.a, call.acc);
   auto outs = call.outputs();
-  Device::run(call.a, PH_STATS | PH_FINALIZE | PH_GRAD, x.scalar_type());
+  Device::run(call.a, PH_STATS | PH_FINALIZE | PH_GRAD, x);
   Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
   return outs;
 }
@@ -244,7 +245,7 @@ at::Tensor row_stats_op(const at::Tensor& x, FLS_PROBLEM_PARAMS) {
   Device::validate(call.a, call.acc);
   at::Tensor stats = at::empty({x.size(0), kWidth}, x.options().dtype(call.acc));
   call.a.stats = stats.data_ptr();
-  Device::run(call.a, PH_STATS, x.scalar_type());
+  Device::run(call.a, PH_STATS, x);
   return stats;
 }
 
@@ -262,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> finalize_op(const at::Tensor& stats, FLS_PROB
   call.a.stats = const_cast<void*>(call.prep(stats, call.acc, "stats"));
   Device::validate(call.a, call.acc);
   auto outs = call.outputs();
-  Device::run(call.a, PH_FINALIZE, stats.scalar_type());
+  Device::run(call.a, PH_FINALIZE, stats);
   Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
   return outs;
 }

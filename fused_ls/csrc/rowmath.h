@@ -241,6 +241,26 @@ FLS_HD T row_lambda(const RowArgs& a, int64_t i) {
   return a.lam_rows ? at<T>(a.lam_rows, i) : T(a.lam);
 }
 
+// One dense smoothing row R_y,c over the local columns c: scale · p[c], or the constant scale
+// when p is null (uniform smoothing without class weights). scale = 1 for a dense similarity row
+// (its weights are folded in), r0 otherwise (p = the class weights).
+template <typename T>
+struct RRow {
+  const T* p;
+  T scale;
+  FLS_HD T at(int64_t c) const { return p ? scale * p[c] : scale; }
+};
+
+template <typename T>
+FLS_HD RRow<T> r_row(const RowArgs& a, int64_t y) {
+  if (a.R) {
+    if (y < 0 || y >= a.num_classes) y = 0;  // ignored rows: any row serves
+    return {static_cast<const T*>(a.R) + y * a.num_classes + a.col_offset, T(1)};
+  }
+  const T* w = static_cast<const T*>(a.w);
+  return {w ? w + a.col_offset : nullptr, static_cast<T>(a.r0)};
+}
+
 // The statistics of one row (args.h, "stats"), in the accumulation type.
 template <typename T>
 struct Stats {

@@ -229,26 +229,6 @@ inline void store_chunk(const acc_t* buf, int64_t n, scalar_t* dst) {
   }
 }
 
-// One dense smoothing row R_y,c over the local columns: scale · p[c], or the constant scale
-// when p is null (uniform smoothing without class weights). scale = 1 for a dense similarity row
-// (its weights are folded in), r0 otherwise.
-template <typename acc_t>
-struct RRow {
-  const acc_t* p;
-  acc_t scale;
-  inline acc_t at(int64_t c) const { return p ? scale * p[c] : scale; }
-};
-
-template <typename acc_t>
-inline RRow<acc_t> r_row(const RowArgs& a, int64_t y) {
-  if (a.R) {
-    if (y < 0 || y >= a.num_classes) y = 0;  // ignored rows: any row serves
-    return {static_cast<const acc_t*>(a.R) + y * a.num_classes + a.col_offset, acc_t(1)};
-  }
-  const acc_t* w = static_cast<const acc_t*>(a.w);
-  return {w ? w + a.col_offset : nullptr, static_cast<acc_t>(a.r0)};
-}
-
 // z at local column c of row xr (softcap applied).
 template <typename scalar_t, typename acc_t>
 inline acc_t z_at(const scalar_t* xr, int64_t c, bool has_cap, acc_t cap, acc_t rcp) {
@@ -271,9 +251,9 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
   const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
   const int64_t C = a.C;
   const scalar_t* xr = static_cast<const scalar_t*>(a.x) + i * a.x_stride;
-  const RRow<acc_t> Ra = r_row<acc_t>(a, a.y_a[i]);
+  const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(a, a.y_a[i]);
   const bool two = a.R && a.y_b;  // a second dense row (mixup with a dense similarity)
-  const RRow<acc_t> Rb = two ? r_row<acc_t>(a, a.y_b[i]) : Ra;
+  const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(a, a.y_b[i]) : Ra;
   const bool dots = Ra.scale != acc_t(0);
   rm::SoftmaxState<acc_t> st = rm::empty_state<acc_t>();
   acc_t best = NEG;  // the best chunk max so far, and where that chunk starts
@@ -393,9 +373,9 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
   const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
   const rm::Coefs<acc_t> k = rm::grad_coefs<acc_t>(a, i, lse, eps, go);
   const bool has_gamma = a.cp != 0;
-  const RRow<acc_t> Ra = r_row<acc_t>(a, a.y_a[i]);
+  const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(a, a.y_a[i]);
   const bool two = a.R && a.y_b;
-  const RRow<acc_t> Rb = two ? r_row<acc_t>(a, a.y_b[i]) : Ra;
+  const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(a, a.y_b[i]) : Ra;
   // the linear (smoothing) part per column: ua_eff · pa[c] + ub_eff · pb[c], or a constant
   const acc_t ua = k.u_a * Ra.scale, ub = two ? k.u_b * Rb.scale : acc_t(0);
 

@@ -169,8 +169,9 @@ struct CpuDevice {
       validate_rows<float>(a);
     }
   }
-  static void run(const RowArgs& a, int phases, at::ScalarType x_dtype) {
+  static void run(const RowArgs& a, int phases, const at::Tensor& x) {
     if (a.N == 0) return;
+    const at::ScalarType x_dtype = x.scalar_type();
     const Isa& isa = select_isa();
     const Dtype dt = dtype_of(x_dtype);
     if ((phases & PH_GRAD) && a.out != a.x) {

@@ -1,19 +1,26 @@
-// CUDA implementation of the kernel-level ops fused_ls::ext_row_stats / fused_ls::ext_grad_rows
-// (schemas in csrc/cpu/ops.cpp, math in csrc/rowmath.h, contract in fused_ls/backends/__init__.py).
+// CUDA implementation of the kernel-level ops (schemas in csrc/cpu/ops.cpp, host side in
+// csrc/ext_common.h, per-row math in csrc/rowmath.h, contract in fused_ls/backends/__init__.py).
 //
 // Layout: grid = (N rows, S column slices). A block owns the columns [c0, c1) of one row; its
 // threads stride over 16-byte packs (4 fp32, 8 bf16/fp16, 2 fp64) when the row is aligned, so a
 // warp reads 512 contiguous bytes per step. All offsets are 64-bit (row · stride overflows int32
-// once N·C ≥ 2³¹). No host synchronisation: the number of SMs is read once per device.
+// once N·C ≥ 2³¹). No host synchronisation: the number of SMs is read once per device; targets
+// and per-sample values are checked with device-side asserts.
 //
-// row_stats: each thread keeps the online-softmax state (m, d, s), argmax and the dots for its
-//   columns; warp shuffles and one shared-memory step combine them per block (rowmath::merge),
-//   and a second small kernel merges the S slices of each row. Bytes: one read of the logits
-//   (N·C·sizeof(x)) + R row(s) (L2-resident when R is [1, C]) + 6·S accumulation values per row.
-// grad_rows: each element is read once and written once (N·C·sizeof(x) each way). The target and
-//   sparse-similarity masses hit 2 + K columns per row: the block owning such a column reads its
-//   logit before the dense pass (out may alias x), and rewrites it after a __syncthreads() from
-//   an accumulation-dtype expression that includes the masses (DESIGN.md §3).
+// rows_kernel: each thread keeps the online-softmax state (m, d, s), argmax and the dense dots
+//   for its columns; warp shuffles and one shared-memory step combine them per block
+//   (rowmath::merge). With S = 1 (rows short enough for one block) thread 0 then gathers the
+//   target and sparse terms and finalises the row (rowmath::finalize_row) in the same kernel,
+//   and with PH_GRAD the block goes on to write the row's gradient while it is in L2
+//   (forward_backward). With S > 1 the blocks write partials and merge_kernel (one thread per
+//   row) merges and finalises. Bytes: one read of the logits (N·C·sizeof(x)) + the R row(s)
+//   (L2-resident when they are the class weights) + O(N·S) partials.
+// grad_kernel: each element is read once and written once (N·C·sizeof(x) each way). Thread 0
+//   computes the row's coefficients (rowmath::grad_coefs) and its point masses (targets, sparse
+//   neighbours) into shared memory; the block owning such a column reads its logit before the
+//   dense pass (out may alias x), and rewrites it after a __syncthreads() from an
+//   accumulation-dtype expression that includes the masses (DESIGN.md §3).
+// reduce_kernel: Σ W_i and Σ loss_i in a fixed order (one block, no atomics: deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -45,6 +52,58 @@ struct alignas(16) Pack {
   static constexpr int n = 16 / sizeof(scalar_t);
   scalar_t v[n];
 };
+
+// The shared arguments (args.h) and the launch layout.
+struct KParams : RowArgs {
+  int64_t slice;  // columns per block (a multiple of the pack width)
+  int S;          // slices per row
+  bool vec;       // rows of x (and out) are 16-byte aligned: packed loads
+  void* part;     // [N, S, 8] partials (S > 1): m, d, s, dense dot a, dense dot b, best, -, arg
+  int phases;     // Phase bits
+};
+
+template <typename T>
+__device__ __forceinline__ T* ptr(void* p) {
+  return static_cast<T*>(p);
+}
+
+// Integer bits in a float slot (args.h: int32 in a float, int64 in a double).
+template <typename T>
+__device__ __forceinline__ T to_bits(int64_t v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return __longlong_as_double(static_cast<long long>(v));
+  } else {
+    return __int_as_float(static_cast<int>(v));
+  }
+}
+template <typename T>
+__device__ __forceinline__ int64_t from_bits(T v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return static_cast<int64_t>(__double_as_longlong(v));
+  } else {
+    return static_cast<int64_t>(__float_as_int(v));
+  }
+}
+
+// The data-dependent checks of one row (the CPU raises IndexError / ValueError for the same).
+template <typename T>
+__device__ __forceinline__ void validate_row(const RowArgs& a, int64_t i) {
+  const int64_t y = a.y_a[i];
+  if (y == a.ignore_index) return;
+  CUDA_KERNEL_ASSERT(y >= 0 && y < a.num_classes && "fused_ls: target out of range");
+  if (a.y_b) {
+    const int64_t yb = a.y_b[i];
+    CUDA_KERNEL_ASSERT(yb >= 0 && yb < a.num_classes && "fused_ls: mix_target out of range");
+  }
+  if (a.eps_rows) {
+    const T e = rm::at<T>(a.eps_rows, i);
+    CUDA_KERNEL_ASSERT(e >= T(0) && e <= T(1) && "fused_ls: smoothing must lie in [0, 1]");
+  }
+  if (a.lam_rows) {
+    const T l = rm::at<T>(a.lam_rows, i);
+    CUDA_KERNEL_ASSERT(l >= T(0) && l <= T(1) && "fused_ls: mix_lambda must lie in [0, 1]");
+  }
+}
 
 // ---- statistics -------------------------------------------------------------------------------
 
@@ -102,26 +161,167 @@ __device__ Partial<T> block_combine(Partial<T> p) {
   return p;
 }
 
-// The shared arguments (csrc/cpu/args.h; the out pointers m … pz are written by the merge kernel)
-// and the launch layout.
-struct StatsParams : StatsArgs {
-  int64_t slice;          // columns per block (a multiple of the pack width)
-  int S;                  // slices per row
-  bool vec;               // rows are 16-byte aligned: use packed loads
-  void* part;             // [N, S, 6] out: m, d, s, dot_a, dot_b, best (accumulation dtype)
-  int64_t* part_arg;      // [N, S] out: argmax of the slice
-};
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t z_at(const scalar_t* xr, int64_t c, bool has_cap, acc_t cap,
+                                      acc_t rcp) {
+  const acc_t v = static_cast<acc_t>(xr[c]);
+  return has_cap ? rm::softcap_z(v, cap, rcp) : v;
+}
+
+// Thread 0: the finished statistics of a row → pack row (+ loss_i) or the stats row; returns
+// (lse, ε, Σpz) for a gradient pass that follows.
+template <typename acc_t>
+__device__ void finish_row(const KParams& p, int64_t row, rm::Stats<acc_t>& st, acc_t* vals) {
+  if (p.phases & PH_FINALIZE) {
+    const rm::Final<acc_t> f = rm::finalize_row<acc_t>(p, row, st);
+    acc_t* pr = ptr<acc_t>(p.pack) + row * kWidth;
+    pr[P_LSE] = f.lse;
+    pr[P_EPS] = f.eps;
+    pr[P_PZ] = f.pz;
+    pr[P_CONF] = f.conf;
+    pr[P_ARG] = to_bits<acc_t>(st.arg);
+    pr[P_LOSS] = f.loss;
+    pr[P_W] = f.W;
+    pr[7] = acc_t(0);
+    if (p.reduction == RED_NONE) ptr<acc_t>(p.loss)[row] = f.loss;
+    vals[0] = f.lse;
+    vals[1] = f.eps;
+    vals[2] = f.pz;
+  } else {
+    acc_t* sr = ptr<acc_t>(p.stats) + row * kWidth;
+    sr[S_M] = st.m;
+    sr[S_D] = st.d;
+    sr[S_S] = st.s;
+    sr[S_DA] = st.Da;
+    sr[S_DB] = st.Db;
+    sr[S_ZA] = st.za;
+    sr[S_ZB] = st.zb;
+    sr[S_ARG] = to_bits<acc_t>(st.arg);
+  }
+}
+
+// ---- gradient ---------------------------------------------------------------------------------
+
+// The gradient of the columns [c0, c1) of one row, by the whole block (see the file comment).
+// Shared memory: the point-mass list (2 + 2K entries) after the coefficients.
+template <typename scalar_t>
+__device__ void grad_slice(const KParams& p, int64_t row, int64_t c0, int64_t c1,
+                           acc_of<scalar_t> lse, acc_of<scalar_t> eps, acc_of<scalar_t> pz,
+                           unsigned char* smem) {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
+  scalar_t* orow = static_cast<scalar_t*>(p.out) + row * p.out_stride;
+  if (p.y_a[row] == p.ignore_index) {  // ignored rows: a zero gradient, without reading them
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) orow[c] = scalar_t(0);
+    return;
+  }
+  rm::Coefs<acc_t>* k = reinterpret_cast<rm::Coefs<acc_t>*>(smem);
+  int* nf_ptr = reinterpret_cast<int*>(k + 1);
+  int64_t* fcol = reinterpret_cast<int64_t*>(smem + 2 * sizeof(rm::Coefs<acc_t>));
+  const int max_fix = 2 + 2 * static_cast<int>(p.K);
+  acc_t* fmass = reinterpret_cast<acc_t*>(fcol + max_fix);
+  acc_t* fx = fmass + max_fix;
+  const int64_t lo = p.col_offset;
+  if (threadIdx.x == 0) {
+    *k = rm::grad_coefs<acc_t>(p, row, lse, eps, rm::row_go<acc_t>(p, row));
+    int nf = 0;
+    for (int t = 0; t < (p.y_b ? 2 : 1); ++t) {
+      const int64_t y = t == 0 ? p.y_a[row] : p.y_b[row];
+      auto add = [&](int64_t col, acc_t mass) {
+        if (col >= lo && col < lo + p.C) {
+          fcol[nf] = col - lo;
+          fmass[nf] = mass;
+          // the logit of a point column of this slice, read before anything is written
+          fx[nf] = (col - lo >= c0 && col - lo < c1) ? static_cast<acc_t>(xr[col - lo]) : acc_t(0);
+          ++nf;
+        }
+      };
+      add(y, t == 0 ? k->t_a : k->t_b);
+      const acc_t sp = t == 0 ? k->sp_a : k->sp_b;
+      for (int64_t j = 0; j < p.K; ++j) {
+        add(p.sp_idx[y * p.K + j], rm::scaled(rm::sparse_rw<acc_t>(p, y, j) * sp, k->go));
+      }
+    }
+    *nf_ptr = nf;
+  }
+  __syncthreads();
+  const rm::Coefs<acc_t> kc = *k;
+  const int nf = *nf_ptr;
+  const bool has_cap = p.softcap > 0;
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  const bool has_gamma = p.cp != 0;
+  const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(p, p.y_a[row]);
+  const bool two = p.R && p.y_b;
+  const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
+
+  auto grad_at = [&](int64_t c, acc_t x, acc_t extra_mass) {
+    const acc_t z = has_cap ? rm::softcap_z(x, cap, rcp) : x;
+    const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, kc.coef, kc.gamma, pz)
+                                 : rm::grad_softmax_part(z, lse, kc.coef);
+    const acc_t lin = kc.u_a * Ra.at(c) + (two ? kc.u_b * Rb.at(c) : acc_t(0)) + extra_mass;
+    return static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
+  };
+  int64_t tail = c0;
+  if (p.vec) {
+    constexpr int V = Pack<scalar_t>::n;
+    const int64_t nv = (c1 - c0) / V;
+    const Pack<scalar_t>* xp = reinterpret_cast<const Pack<scalar_t>*>(xr + c0);
+    Pack<scalar_t>* op = reinterpret_cast<Pack<scalar_t>*>(orow + c0);
+    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+      Pack<scalar_t> pk = xp[v];
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        pk.v[q] = grad_at(c0 + v * V + q, static_cast<acc_t>(pk.v[q]), acc_t(0));
+      }
+      op[v] = pk;
+    }
+    tail = c0 + nv * V;
+  }
+  for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) {
+    orow[c] = grad_at(c, static_cast<acc_t>(xr[c]), acc_t(0));
+  }
+  __syncthreads();
+
+  // rewrite the point columns of this slice with every mass that lands on them (duplicate
+  // columns write equal values)
+  for (int f = threadIdx.x; f < nf; f += blockDim.x) {
+    const int64_t c = fcol[f];
+    if (c < c0 || c >= c1) continue;
+    acc_t mass = 0;
+    for (int f2 = 0; f2 < nf; ++f2) {
+      if (fcol[f2] == c) mass += fmass[f2];
+    }
+    orow[c] = grad_at(c, fx[f], mass);
+  }
+}
+
+// ---- kernels ------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) stats_partial_kernel(StatsParams p) {
+__global__ void __launch_bounds__(kThreads) rows_kernel(KParams p) {
   using acc_t = acc_of<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ acc_t vals[3];  // lse, ε, Σpz of the row, for the gradient pass
   const int64_t row = blockIdx.x;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.slice;
   const int64_t c1 = min(p.C, c0 + p.slice);
+  if (threadIdx.x == 0 && blockIdx.y == 0) validate_row<acc_t>(p, row);
+  const bool ignored = p.y_a[row] == p.ignore_index;
+  if (ignored && !p.need_stats && p.S == 1) {
+    // nothing of this row is observable: a zero pack row, and a zero gradient
+    if (threadIdx.x == 0) {
+      acc_t* r = ptr<acc_t>(p.phases & PH_FINALIZE ? p.pack : p.stats) + row * kWidth;
+      for (int c = 0; c < kWidth; ++c) r[c] = acc_t(0);
+      if ((p.phases & PH_FINALIZE) && p.reduction == RED_NONE) ptr<acc_t>(p.loss)[row] = 0;
+    }
+    if (p.phases & PH_GRAD) grad_slice<scalar_t>(p, row, c0, c1, acc_t(0), acc_t(0), acc_t(0), smem);
+    return;
+  }
   const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
-  const acc_t* R = static_cast<const acc_t*>(p.R);
-  const acc_t* Ra = R + (p.ridx_a ? p.ridx_a[row] : 0) * p.C;
-  const acc_t* Rb = p.ridx_b ? R + p.ridx_b[row] * p.C : nullptr;
+  const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(p, p.y_a[row]);
+  const bool two = p.R && p.y_b;
+  const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
   const bool has_cap = p.softcap > 0;
   const acc_t cap = static_cast<acc_t>(p.softcap);
   const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
@@ -135,8 +335,8 @@ __global__ void __launch_bounds__(kThreads) stats_partial_kernel(StatsParams p) 
       part.best = z;
       part.arg = c;
     }
-    part.dot_a += rm::masked_term(Ra[c], z);
-    if (Rb) part.dot_b += rm::masked_term(Rb[c], z);
+    part.dot_a += Ra.p ? rm::masked_term(Ra.p[c], z) : z;
+    if (two) part.dot_b += rm::masked_term(Rb.p[c], z);
   };
   int64_t tail = c0;
   if (p.vec) {
@@ -146,143 +346,121 @@ __global__ void __launch_bounds__(kThreads) stats_partial_kernel(StatsParams p) 
     for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
       const Pack<scalar_t> pk = xp[v];
 #pragma unroll
-      for (int k = 0; k < V; ++k) consume(c0 + v * V + k, pk.v[k]);
+      for (int q = 0; q < V; ++q) consume(c0 + v * V + q, pk.v[q]);
     }
     tail = c0 + nv * V;
   }
   for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) consume(c, xr[c]);
-  if (!p.need_pz) part.st.s = acc_t(0);
+  if (p.cp == 0) part.st.s = acc_t(0);
 
   part = block_combine(part);
+  // the dense dots in R's units: scale · Σ p[c] z_c (a zero scale is a zero dot)
+  const acc_t dense_a = Ra.scale == acc_t(0) ? acc_t(0) : Ra.scale * part.dot_a;
+  const acc_t dense_b = two ? part.dot_b : dense_a;
+  if (p.S > 1) {
+    if (threadIdx.x == 0) {
+      acc_t* out = ptr<acc_t>(p.part) + (row * p.S + blockIdx.y) * kWidth;
+      out[0] = part.st.m;
+      out[1] = part.st.d;
+      out[2] = part.st.s;
+      out[3] = dense_a;
+      out[4] = dense_b;
+      out[5] = part.best;
+      out[6] = acc_t(0);
+      out[7] = to_bits<acc_t>(p.col_offset + part.arg);
+    }
+    return;
+  }
   if (threadIdx.x == 0) {
-    acc_t* out = static_cast<acc_t*>(p.part) + (row * p.S + blockIdx.y) * 6;
-    out[0] = part.st.m;
-    out[1] = part.st.d;
-    out[2] = part.st.s;
-    out[3] = part.dot_a;
-    out[4] = part.dot_b;
-    out[5] = part.best;
-    p.part_arg[row * p.S + blockIdx.y] = part.arg;
+    rm::Stats<acc_t> st{part.st.m, part.st.d, part.st.s, 0, 0, 0, 0,
+                        static_cast<int64_t>(p.col_offset + part.arg)};
+    rm::target_stats<acc_t>(
+        p, row, dense_a, dense_b,
+        [&](int64_t c) { return z_at<scalar_t, acc_t>(xr, c, has_cap, cap, rcp); }, st);
+    finish_row<acc_t>(p, row, st, vals);
+  }
+  if (p.phases & PH_GRAD) {
+    __syncthreads();
+    grad_slice<scalar_t>(p, row, c0, c1, vals[0], vals[1], vals[2], smem);
   }
 }
 
-// One thread per row: merge the S slices and finish lse, pz.
-template <typename acc_t>
-__global__ void stats_merge_kernel(const acc_t* part, const int64_t* part_arg, int64_t N, int S,
-                                   acc_t* m, acc_t* lse, int64_t* argmax, acc_t* dot_a,
-                                   acc_t* dot_b, acc_t* pz) {
+// One thread per row: merge the S partials of split rows, gather the target and sparse terms,
+// and finish (PH_FINALIZE: the pack; else the stats); or, for ext_finalize (p.part null),
+// finalise statistics given in p.stats.
+template <typename scalar_t>
+__global__ void merge_kernel(KParams p) {
+  using acc_t = acc_of<scalar_t>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= N) return;
-  Partial<acc_t> r = empty_partial<acc_t>();
-  for (int s = 0; s < S; ++s) {
-    const acc_t* q = part + (row * S + s) * 6;
-    Partial<acc_t> o{{q[0], q[1], q[2]}, q[3], q[4], q[5], part_arg[row * S + s]};
-    r = combine(r, o);
+  if (row >= p.N) return;
+  validate_row<acc_t>(p, row);
+  rm::Stats<acc_t> st;
+  if (p.part == nullptr) {
+    const acc_t* sr = ptr<acc_t>(p.stats) + row * kWidth;
+    st = {sr[S_M], sr[S_D], sr[S_S], sr[S_DA], sr[S_DB], sr[S_ZA], sr[S_ZB], from_bits(sr[S_ARG])};
+  } else {
+    Partial<acc_t> r = empty_partial<acc_t>();
+    acc_t dense_a = 0, dense_b = 0;
+    for (int s = 0; s < p.S; ++s) {
+      const acc_t* q = ptr<acc_t>(p.part) + (row * p.S + s) * kWidth;
+      Partial<acc_t> o{{q[0], q[1], q[2]}, acc_t(0), acc_t(0), q[5],
+                       static_cast<long long>(from_bits(q[7]))};
+      r = combine(r, o);
+      dense_a += q[3];
+      dense_b += q[4];
+    }
+    st = {r.st.m, r.st.d, r.st.s, 0, 0, 0, 0, static_cast<int64_t>(r.arg)};
+    const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
+    const bool has_cap = p.softcap > 0;
+    const acc_t cap = static_cast<acc_t>(p.softcap);
+    const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+    rm::target_stats<acc_t>(
+        p, row, dense_a, dense_b,
+        [&](int64_t c) { return z_at<scalar_t, acc_t>(xr, c, has_cap, cap, rcp); }, st);
   }
-  m[row] = r.st.m;
-  lse[row] = rm::finish_lse(r.st);
-  argmax[row] = r.arg;
-  dot_a[row] = r.dot_a;
-  if (dot_b) dot_b[row] = r.dot_b;
-  if (pz) pz[row] = rm::finish_pz(r.st);
+  acc_t vals[3];
+  finish_row<acc_t>(p, row, st, vals);
 }
-
-// ---- gradient ---------------------------------------------------------------------------------
-
-// The shared arguments (csrc/cpu/args.h) and the launch layout.
-struct GradParams : GradArgs {
-  int64_t slice;          // columns per block (a multiple of the pack width)
-  bool vec;               // x and out rows are 16-byte aligned
-};
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) grad_kernel(GradParams p) {
+__global__ void __launch_bounds__(kThreads) grad_kernel(KParams p) {
   using acc_t = acc_of<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem[];
   const int64_t row = blockIdx.x;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.slice;
   const int64_t c1 = min(p.C, c0 + p.slice);
-  const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
-  scalar_t* orow = static_cast<scalar_t*>(p.out) + row * p.out_stride;
-  const acc_t* R = static_cast<const acc_t*>(p.R);
-  const acc_t* Ra = R + (p.ridx_a ? p.ridx_a[row] : 0) * p.C;
-  const acc_t* Rb = p.ridx_b ? R + p.ridx_b[row] * p.C : nullptr;
-  auto get = [row](const void* q) { return static_cast<const acc_t*>(q)[row]; };
-  const acc_t lse = get(p.lse), coef = get(p.coef);
-  const bool has_gamma = p.gamma != nullptr;
-  const acc_t gamma = has_gamma ? get(p.gamma) : acc_t(0);
-  const acc_t pz = has_gamma ? get(p.pz) : acc_t(0);
-  const acc_t ua = get(p.u_a);
-  const acc_t ub = (Rb && p.u_b) ? get(p.u_b) : acc_t(0);
-  const bool has_cap = p.softcap > 0;
-  const acc_t cap = static_cast<acc_t>(p.softcap);
-  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  const acc_t* pr = ptr<acc_t>(p.pack) + row * kWidth;
+  grad_slice<scalar_t>(p, row, c0, c1, pr[P_LSE], pr[P_EPS], pr[P_PZ], smem);
+}
 
-  // 1. fix-up columns of this row (target, mixup target, sparse neighbours) and, for those in
-  //    this block's slice, their logits, read before anything is written
-  const int nf = 1 + (p.y_b ? 1 : 0) + static_cast<int>(p.K);
-  int64_t* fcol = reinterpret_cast<int64_t*>(smem_raw);
-  acc_t* fmass = reinterpret_cast<acc_t*>(fcol + nf);
-  acc_t* fx = fmass + nf;
-  for (int f = threadIdx.x; f < nf; f += blockDim.x) {
-    int64_t c;
-    acc_t mass;
-    if (f == 0) {
-      c = p.y_a[row];
-      mass = get(p.t_a);
-    } else if (p.y_b && f == 1) {
-      c = p.y_b[row];
-      mass = get(p.t_b);
-    } else {
-      const int64_t k = f - 1 - (p.y_b ? 1 : 0);
-      c = p.sp_cols[row * p.K + k];
-      mass = static_cast<const acc_t*>(p.sp_mass)[row * p.K + k];
-    }
-    fcol[f] = c;
-    fmass[f] = mass;
-    fx[f] = (c >= c0 && c < c1) ? static_cast<acc_t>(xr[c]) : acc_t(0);
+// Σ W_i and Σ loss_i in a fixed order: thread t sums rows t, t + 256, ... in double, then a
+// shared-memory tree in a fixed pattern.
+template <typename acc_t>
+__global__ void reduce_kernel(KParams p) {
+  __shared__ double sw[kThreads], sl[kThreads];
+  const acc_t* pk = ptr<acc_t>(p.pack);
+  double w = 0, l = 0;
+  for (int64_t i = threadIdx.x; i < p.N; i += kThreads) {
+    w += pk[i * kWidth + P_W];
+    l += pk[i * kWidth + P_LOSS];
   }
+  sw[threadIdx.x] = w;
+  sl[threadIdx.x] = l;
   __syncthreads();
-
-  // 2. dense pass: g = softmax part − u_a R_a − u_b R_b, × dz/dx
-  auto grad_at = [&](int64_t c, acc_t x, acc_t extra_mass) {
-    const acc_t z = has_cap ? rm::softcap_z(x, cap, rcp) : x;
-    const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, coef, gamma, pz)
-                                 : rm::grad_softmax_part(z, lse, coef);
-    const acc_t lin = ua * Ra[c] + (Rb ? ub * Rb[c] : acc_t(0)) + extra_mass;
-    return static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
-  };
-  int64_t tail = c0;
-  if (p.vec) {
-    constexpr int V = Pack<scalar_t>::n;
-    const int64_t nv = (c1 - c0) / V;
-    const Pack<scalar_t>* xp = reinterpret_cast<const Pack<scalar_t>*>(xr + c0);
-    Pack<scalar_t>* op = reinterpret_cast<Pack<scalar_t>*>(orow + c0);
-    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-      Pack<scalar_t> pk = xp[v];
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        pk.v[k] = grad_at(c0 + v * V + k, static_cast<acc_t>(pk.v[k]), acc_t(0));
-      }
-      op[v] = pk;
+  for (int off = kThreads / 2; off > 0; off >>= 1) {
+    if (threadIdx.x < off) {
+      sw[threadIdx.x] += sw[threadIdx.x + off];
+      sl[threadIdx.x] += sl[threadIdx.x + off];
     }
-    tail = c0 + nv * V;
+    __syncthreads();
   }
-  for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) {
-    orow[c] = grad_at(c, static_cast<acc_t>(xr[c]), acc_t(0));
-  }
-  __syncthreads();
-
-  // 3. rewrite the fix-up columns of this slice with every mass that lands on them (duplicate
-  //    columns write equal values)
-  for (int f = threadIdx.x; f < nf; f += blockDim.x) {
-    const int64_t c = fcol[f];
-    if (c < c0 || c >= c1) continue;
-    acc_t mass = 0;
-    for (int f2 = 0; f2 < nf; ++f2) {
-      if (fcol[f2] == c) mass += fmass[f2];
-    }
-    orow[c] = grad_at(c, fx[f], mass);
+  if (threadIdx.x == 0) {
+    acc_t* tot = ptr<acc_t>(p.pack) + p.N * kWidth;
+    for (int c = 0; c < kWidth; ++c) tot[c] = acc_t(0);
+    tot[0] = static_cast<acc_t>(sw[0]);
+    tot[1] = static_cast<acc_t>(sl[0]);
+    if (p.reduction == RED_SUM) ptr<acc_t>(p.loss)[0] = tot[1];
+    if (p.reduction == RED_MEAN) ptr<acc_t>(p.loss)[0] = tot[1] / tot[0];
   }
 }
 
@@ -305,81 +483,99 @@ bool aligned16(const void* ptr, int64_t stride, size_t elem) {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-void check_cuda(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "fused_ls: the cuda backend serves CUDA tensors only");
-}
-
-// The CUDA side of row_stats_op / grad_rows_op (ext_common.h).
+// The CUDA side of the ops in ext_common.h.
 struct CudaDevice {
-  static void check(const at::Tensor& x) { check_cuda(x); }
-  static void stats(const StatsArgs& a, const at::Tensor& x);
-  static void grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out);
+  static void check(const at::Tensor& x) {
+    TORCH_CHECK(x.is_cuda(), "fused_ls: the cuda backend serves CUDA tensors only");
+  }
+  static void validate(const RowArgs&, at::ScalarType) {}  // device-side asserts in the kernels
+  static void run(const RowArgs& a, int phases, const at::Tensor& x);
+  static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss);
 };
 
-void CudaDevice::stats(const StatsArgs& a, const at::Tensor& x) {
+void CudaDevice::run(const RowArgs& a, int phases, const at::Tensor& x) {
+  if (a.N == 0) return;
+  TORCH_CHECK(a.N <= INT_MAX, "fused_ls: too many rows for one launch");
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), C = a.C;
-  TORCH_CHECK(N <= INT_MAX, "fused_ls: too many rows for one launch");
-  const auto acc = acc_type(x.scalar_type());
-  const int64_t pack = 16 / x.element_size();
-  // Split rows over several blocks only when there are too few rows to fill the GPU.
+  const at::ScalarType x_dtype = x.scalar_type();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool fp64 = x_dtype == at::kDouble;
+  const size_t acc_size = fp64 ? 8 : 4;
+  const size_t elem = c10::elementSize(x_dtype);
+  KParams p{};
+  static_cast<RowArgs&>(p) = a;
+  p.phases = phases;
+  const int max_fix = 2 + 2 * static_cast<int>(a.K);
+  // coefficients (2 slots) + the point list: columns, masses, logits
+  const size_t smem = 2 * sizeof(rm::Coefs<double>) + max_fix * (sizeof(int64_t) + 2 * acc_size);
+  TORCH_CHECK(smem <= 48 * 1024, "fused_ls: too many sparse-similarity neighbours (", a.K,
+              ") for the CUDA kernels");
+  const int64_t pack_w = 16 / static_cast<int64_t>(elem);
+
+  if (phases == PH_FINALIZE) {  // ext_finalize: one thread per row over given statistics
+    p.part = nullptr;
+    const int mt = 128;
+    AT_DISPATCH_FLOATING_TYPES(fp64 ? at::kDouble : at::kFloat, "fused_ls_finalize", [&] {
+      merge_kernel<scalar_t><<<static_cast<unsigned>((a.N + mt - 1) / mt), mt, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  if (phases == PH_GRAD) {
+    // about 8 packs per thread per block; many blocks per row keep the GPU busy at any N
+    p.slice = round_up(std::min<int64_t>(a.C, kThreads * pack_w * 8), pack_w);
+    const int64_t S = (a.C + p.slice - 1) / p.slice;
+    TORCH_CHECK(S <= 65535, "fused_ls: too many classes for one launch");
+    p.S = static_cast<int>(S);
+    p.vec = aligned16(a.x, a.x_stride, elem) && aligned16(a.out, a.out_stride, elem);
+    const dim3 grid(static_cast<unsigned>(a.N), static_cast<unsigned>(S));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "fused_ls_grad", [&] {
+      grad_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  // statistics (+ finalisation, + gradient): split rows over several blocks only when there are
+  // too few rows to fill the GPU and no gradient pass has to follow in the same kernel
   const int sms = sm_count(x.get_device());
   int64_t S = 1;
-  if (N < 2 * sms) {
-    S = std::min<int64_t>((2 * sms + N - 1) / N, (C + 4095) / 4096);
+  if (a.N < 2 * sms) {
+    S = std::min<int64_t>((2 * sms + a.N - 1) / a.N, (a.C + 4095) / 4096);
     S = std::max<int64_t>(1, std::min<int64_t>(S, 65535));
   }
-  const int64_t slice = round_up((C + S - 1) / S, pack);
-  S = (C + slice - 1) / slice;
-  at::Tensor part = at::empty({N, S, 6}, x.options().dtype(acc));
-  at::Tensor part_arg = at::empty({N, S}, x.options().dtype(at::kLong));
-  StatsParams p{};
-  static_cast<StatsArgs&>(p) = a;
-  p.slice = slice;
+  p.slice = round_up((a.C + S - 1) / S, pack_w);
+  S = std::max<int64_t>(1, (a.C + p.slice - 1) / p.slice);
   p.S = static_cast<int>(S);
-  p.vec = aligned16(p.x, p.x_stride, x.element_size());
-  p.part = part.data_ptr();
-  p.part_arg = part_arg.data_ptr<int64_t>();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(S));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_ls_row_stats",
-                                  [&] {
-    using acc_t = acc_of<scalar_t>;
-    stats_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+  p.vec = aligned16(a.x, a.x_stride, elem) &&
+          (!(phases & PH_GRAD) || aligned16(a.out, a.out_stride, elem));
+  at::Tensor part;
+  if (S > 1) {
+    part = at::empty({a.N, S, kWidth}, x.options().dtype(fp64 ? at::kDouble : at::kFloat));
+    p.part = part.data_ptr();
+    p.phases = phases & ~PH_GRAD;  // the gradient needs the merged row: a grad launch follows
+  }
+  const dim3 grid(static_cast<unsigned>(a.N), static_cast<unsigned>(S));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "fused_ls_rows", [&] {
+    rows_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int mt = 128;
-    stats_merge_kernel<acc_t><<<static_cast<unsigned>((N + mt - 1) / mt), mt, 0, stream>>>(
-        part.const_data_ptr<acc_t>(), part_arg.const_data_ptr<int64_t>(), N, p.S,
-        static_cast<acc_t*>(a.m), static_cast<acc_t*>(a.lse), a.argmax,
-        static_cast<acc_t*>(a.dot_a), static_cast<acc_t*>(a.dot_b), static_cast<acc_t*>(a.pz));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (S > 1) {
+      const int mt = 128;
+      merge_kernel<scalar_t><<<static_cast<unsigned>((a.N + mt - 1) / mt), mt, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
+  if (S > 1 && (phases & PH_GRAD)) run(a, PH_GRAD, x);
 }
 
-void CudaDevice::grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& out) {
-  c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), C = a.C;
-  TORCH_CHECK(N <= INT_MAX, "fused_ls: too many rows for one launch");
-  const int64_t pack = 16 / x.element_size();
-  // About 8 packs per thread per block; many blocks per row keep the GPU busy at any N.
-  const int64_t slice = round_up(std::min<int64_t>(C, kThreads * pack * 8), pack);
-  const int64_t S = (C + slice - 1) / slice;
-  TORCH_CHECK(S <= 65535, "fused_ls: too many classes for one launch");
-  const int nf = 1 + (a.y_b ? 1 : 0) + static_cast<int>(a.K);
-  const size_t acc_size = x.scalar_type() == at::kDouble ? 8 : 4;
-  const size_t smem = nf * (sizeof(int64_t) + 2 * acc_size);
-  TORCH_CHECK(smem <= 48 * 1024, "fused_ls: too many sparse-similarity neighbours (", a.K,
-              ") for the CUDA kernel");
-  GradParams p{};
-  static_cast<GradArgs&>(p) = a;
-  p.slice = slice;
-  p.vec = aligned16(p.x, p.x_stride, x.element_size()) &&
-          aligned16(p.out, p.out_stride, x.element_size());
+void CudaDevice::reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss) {
+  c10::cuda::CUDAGuard guard(pack.device());
+  KParams p{};
+  static_cast<RowArgs&>(p) = a;
+  p.pack = pack.data_ptr();
+  p.loss = loss.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(S));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_ls_grad_rows",
-                                  [&] {
-    grad_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(p);
+  AT_DISPATCH_FLOATING_TYPES(pack.scalar_type(), "fused_ls_reduce", [&] {
+    reduce_kernel<scalar_t><<<1, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -387,7 +583,4 @@ void CudaDevice::grad(const GradArgs& a, const at::Tensor& x, const at::Tensor& 
 }  // namespace cuda_impl
 }  // namespace fused_ls
 
-TORCH_LIBRARY_IMPL(fused_ls, CUDA, m) {
-  m.impl("ext_row_stats", &fused_ls::row_stats_op<fused_ls::cuda_impl::CudaDevice>);
-  m.impl("ext_grad_rows", &fused_ls::grad_rows_op<fused_ls::cuda_impl::CudaDevice>);
-}
+TORCH_LIBRARY_IMPL(fused_ls, CUDA, m) { FLS_REGISTER_IMPLS(m, fused_ls::cuda_impl::CudaDevice); }

@@ -1,0 +1,148 @@
+"""The one-call loss + gradient entry (``fused_ls::forward_backward``) and the split into
+statistics and finalisation (``row_stats`` / ``finalize``), on every backend that serves CPU
+tensors here (Triton through the interpreter), in the modes that exercise every per-row branch.
+
+forward_backward must give the forward's loss and pack and write the same gradient as the
+backward with the same upstream gradient, also into the logits themselves; finalize(row_stats)
+must equal forward; and statistics gathered over column slices (a sharded vocabulary), merged
+as fused_ls/_problem.py describes, must finalise to the same loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import problem
+
+import fused_ls
+from fused_ls import ConfidenceAdaptive, SparseSimilarity
+from fused_ls._problem import S_ARG, S_D, S_M, S_S
+from fused_ls.backends import Request, reasons_for
+
+
+def _backends():
+    req = Request("cpu", torch.float32)
+    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
+
+
+BACKENDS = _backends()
+
+
+def _modes(C, N, g):
+    return {
+        "uniform": {},
+        "weight_ignore": {"weight": torch.rand(C, generator=g) + 0.2, "ignore_index": 2},
+        "dense_sim_mixup": {
+            "similarity": torch.rand(C, C, generator=g),
+            "similarity_mix": 0.6,
+            "mix_target": torch.randint(0, C, (N,), generator=g),
+            "mix_lambda": torch.rand(N, generator=g),
+        },
+        "sparse_everything": {
+            "weight": torch.rand(C, generator=g) + 0.2,
+            "similarity": SparseSimilarity.from_dense(torch.rand(C, C, generator=g), 3),
+            "similarity_mix": 0.5,
+            "smoothing": torch.rand(N, generator=g) * 0.5,
+            "adaptive": ConfidenceAdaptive(0.5, 2.0, "target"),
+            "z_loss": 1e-2,
+            "softcap": 4.0,
+            "confidence_penalty": 0.2,
+            "mix_target": torch.randint(0, C, (N,), generator=g),
+            "mix_lambda": 0.3,
+        },
+    }
+
+
+MODE_NAMES = ["uniform", "weight_ignore", "dense_sim_mixup", "sparse_everything"]
+
+
+def _case(mode, reduction, N=9, C=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g) * 3
+    y = torch.randint(0, C, (N,), generator=g)
+    y[1] = 2  # ignored in "weight_ignore"
+    kw = _modes(C, N, g)[mode]
+    return x, y, kw, reduction
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODE_NAMES)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_forward_backward_is_forward_then_backward(backend, mode, reduction, inplace):
+    x, y, kw, _ = _case(mode, reduction)
+    p = problem(x, y, reduction=reduction, return_stats=True, **kw)
+    b = fused_ls.backends.get(backend)
+    g = torch.Generator().manual_seed(3)
+    go = torch.rand(x.shape[0], generator=g) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    loss, pack = b.forward(x, p)
+    grad = torch.empty_like(x)
+    b.backward(go, x, grad, pack, p)
+    xc = x.clone()
+    out = xc if inplace else torch.empty_like(x)
+    loss2, pack2 = b.forward_backward(xc, out, go, p)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(pack2, pack)
+    torch.testing.assert_close(out, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_backward_refuses_mean(backend):
+    x, y, kw, _ = _case("uniform", "mean")
+    p = problem(x, y, reduction="mean")
+    with pytest.raises((ValueError, RuntimeError), match="none' or 'sum"):
+        fused_ls.backends.get(backend).forward_backward(
+            x, torch.empty_like(x), torch.tensor(1.0), p
+        )
+
+
+def merge_stats(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Merge the statistics of disjoint column slices (in class order), as _problem.py says."""
+    st = torch.stack(parts)  # [k, N, 8]
+    m_k = st[:, :, S_M]
+    m = m_k.max(0).values
+    base = torch.where(m == float("-inf"), 0, m)
+    scale = torch.exp(m_k - base)
+    out = st.sum(0)
+    out[:, S_M] = m
+    out[:, S_D] = (st[:, :, S_D] * scale).sum(0)
+    out[:, S_S] = torch.where(scale == 0, 0, st[:, :, S_S] * scale).sum(0)
+    first = (m_k == m).int().argmax(0)  # the first slice holding the max
+    bits = st.view(torch.int32)[:, :, S_ARG]
+    out.view(torch.int32)[:, S_ARG] = bits.gather(0, first[None])[0]
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODE_NAMES)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_row_stats_over_column_slices_finalise_to_forward(backend, mode, reduction):
+    x, y, kw, _ = _case(mode, reduction, seed=4)
+    C = x.shape[1]
+    p = problem(x, y, reduction=reduction, return_stats=True, **kw)
+    b = fused_ls.backends.get(backend)
+    loss, pack = b.forward(x, p)
+    torch.testing.assert_close(b.finalize(b.row_stats(x, p), p), (loss, pack))
+    bounds = [0, 11, 12, 30, C]  # uneven slices, one of a single class
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ps = problem(
+            x[:, lo:hi], y, num_classes=C, col_offset=lo, reduction=reduction,
+            return_stats=True, **kw,
+        )  # fmt: skip
+        parts.append(b.row_stats(x[:, lo:hi], ps))
+    loss_s, pack_s = b.finalize(merge_stats(parts), p)
+    torch.testing.assert_close(loss_s, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pack_s, pack, rtol=1e-5, atol=1e-5)
+    # and the gradient of each slice is the slice of the gradient
+    go = torch.rand(y.shape[0]) if reduction == "none" else torch.tensor(1.3)
+    full = torch.empty_like(x)
+    b.backward(go, x, full, pack, p)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ps = problem(
+            x[:, lo:hi], y, num_classes=C, col_offset=lo, reduction=reduction, **kw
+        )  # fmt: skip
+        xs = x[:, lo:hi].contiguous()
+        g = torch.empty_like(xs)
+        b.backward(go, xs, g, pack_s, ps)
+        torch.testing.assert_close(g, full[:, lo:hi], rtol=1e-5, atol=1e-6)
