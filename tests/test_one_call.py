@@ -10,6 +10,8 @@ as fused_ls/_problem.py describes, must finalise to the same loss.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import problem
@@ -125,7 +127,7 @@ def test_row_stats_over_column_slices_finalise_to_forward(backend, mode, reducti
     torch.testing.assert_close(b.finalize(b.row_stats(x, p), p), (loss, pack))
     bounds = [0, 11, 12, 30, C]  # uneven slices, one of a single class
     parts = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         ps = problem(
             x[:, lo:hi], y, num_classes=C, col_offset=lo, reduction=reduction,
             return_stats=True, **kw,
@@ -138,7 +140,7 @@ def test_row_stats_over_column_slices_finalise_to_forward(backend, mode, reducti
     go = torch.rand(y.shape[0]) if reduction == "none" else torch.tensor(1.3)
     full = torch.empty_like(x)
     b.backward(go, x, full, pack, p)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         ps = problem(
             x[:, lo:hi], y, num_classes=C, col_offset=lo, reduction=reduction, **kw
         )  # fmt: skip
