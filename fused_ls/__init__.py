@@ -2,6 +2,7 @@
 
     loss = fused_ls.label_smoothing_cross_entropy(logits, target, smoothing=0.1)
     crit = fused_ls.FusedLabelSmoothingCE(smoothing=0.1)
+    loss = fused_ls.linear_label_smoothing_cross_entropy(hidden, lm_head.weight, target)
 
 See README.md for the exact semantics and ``python -m fused_ls.info`` for the available backends.
 """
@@ -21,6 +22,7 @@ from .calibration import (
     reliability_diagram,
 )
 from .distillation import distillation_loss
+from .linear import FusedLinearLabelSmoothingCE, linear_label_smoothing_cross_entropy
 from .schedules import (
     SmoothingScheduler,
     cosine_decay_smoothing,
@@ -40,6 +42,7 @@ def available_backends() -> dict[str, list[str]]:
 __all__ = [
     "ConfidenceAdaptive",
     "FusedLabelSmoothingCE",
+    "FusedLinearLabelSmoothingCE",
     "SparseSimilarity",
     "SmoothingScheduler",
     "Stats",
@@ -50,6 +53,7 @@ __all__ = [
     "distillation_loss",
     "expected_calibration_error",
     "label_smoothing_cross_entropy",
+    "linear_label_smoothing_cross_entropy",
     "linear_decay_smoothing",
     "maximum_calibration_error",
     "off_switch_smoothing",

@@ -1,0 +1,211 @@
+"""The op's fixed cost: forward+backward time at classifier sizes, against F.cross_entropy.
+
+    python benchmarks/bench_overhead.py [--device cpu] [--rounds 200] [--csv bench_out/overhead.csv]
+
+Two tables, each the median over ``--rounds`` interleaved rounds (every variant runs once per
+round, in turn, so that drift of a shared machine hits them alike):
+
+1. uniform smoothing (ε = 0.1) at 64×10, 256×100, 256×1000, 1024×1000 and 8192×1000 for every
+   backend that serves the device, as time and as a ratio to F.cross_entropy(label_smoothing=0.1)
+   in the same rounds;
+2. every mode at 256×100 (weights, dense and sparse similarity, per-sample and adaptive ε,
+   z-loss, softcap, confidence penalty, mixup), as the ratio to the same uniform
+   F.cross_entropy, for every backend.
+
+Beside each, the number of op dispatches per forward+backward call, counted with the torch
+profiler: events named ``aten::*`` or ``fused_ls::*`` (nested ones included: an op that calls
+another counts twice; the autograd engine's own events do not count). On CUDA these are the
+kernel launches' upper bound. Rows are appended to the CSV with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import fused_ls  # noqa: E402
+from fused_ls import ConfidenceAdaptive, SparseSimilarity  # noqa: E402
+from fused_ls.backends import Request, reasons_for  # noqa: E402
+
+EPS = 0.1
+SIZES = [(64, 10), (256, 100), (256, 1000), (1024, 1000), (8192, 1000)]
+MODE_SIZE = (256, 100)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def modes(C: int, N: int, device) -> dict[str, dict]:
+    g = torch.Generator().manual_seed(0)
+    S = torch.rand(C, C, generator=g)
+    return {
+        "uniform": {},
+        "class weights": {"weight": (torch.rand(C, generator=g) + 0.5).to(device)},
+        "dense similarity": {"similarity": S.to(device), "similarity_mix": 0.5},
+        "sparse similarity (k=8)": {
+            "similarity": SparseSimilarity.from_dense(S, 8).to(device),
+            "similarity_mix": 0.5,
+        },
+        "per-sample ε": {"smoothing": (torch.rand(N, generator=g) * 0.2).to(device)},
+        "adaptive ε": {"adaptive": ConfidenceAdaptive(0.5, 2.0)},
+        "z-loss": {"z_loss": 1e-4},
+        "softcap": {"softcap": 30.0},
+        "confidence penalty": {"confidence_penalty": 0.1},
+        "mixup": {
+            "mix_target": torch.randint(0, C, (N,), generator=g).to(device),
+            "mix_lambda": 0.7,
+        },
+    }
+
+
+def backends_for(device: torch.device) -> list[str]:
+    req = Request(device.type, torch.float32)
+    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
+
+
+def step_fn(x, y, backend: str | None, kw: dict):
+    """One forward+backward; backend None is F.cross_entropy."""
+    if backend is None:
+
+        def step():
+            x.grad = None
+            F.cross_entropy(x, y, label_smoothing=EPS).backward()
+
+    else:
+        kw = dict(kw)
+        eps = kw.pop("smoothing", EPS)
+
+        def step():
+            x.grad = None
+            fused_ls.label_smoothing_cross_entropy(x, y, eps, backend=backend, **kw).backward()
+
+    return step
+
+
+def interleaved(fns: dict, rounds: int, device) -> dict[str, float]:
+    """Median seconds of each function, measured in interleaved rounds after a warm-up."""
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    times = {k: [] for k in fns}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def op_count(fn) -> int:
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith(("aten::", "fused_ls::")))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--csv", default="bench_out/overhead.csv")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    names = backends_for(dev)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    where = machine(dev)
+    print(f"# fused_ls op overhead — {where}, torch {torch.__version__}, {stamp}\n")
+    rows = []
+
+    print("## uniform ε = 0.1, forward+backward (median of interleaved rounds)\n")
+    head = "| N × C | F.cross_entropy | " + " | ".join(f"`{b}`" for b in names) + " |"
+    print(head)
+    print("|" + "---|" * (2 + len(names)))
+    for N, C in SIZES:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(N, C, generator=g).to(dev).requires_grad_(True)
+        y = torch.randint(0, C, (N,), generator=g).to(dev)
+        fns = {"F.cross_entropy": step_fn(x, y, None, {})}
+        fns.update({b: step_fn(x, y, b, {}) for b in names})
+        rounds = max(5, args.rounds * 256 * 100 // max(N * C, 256 * 100))
+        t = interleaved(fns, rounds, dev)
+        ops = {k: op_count(f) for k, f in fns.items()}
+        base = t["F.cross_entropy"]
+        cells = [f"{base * 1e3:.3f} ms ({ops['F.cross_entropy']} ops)"]
+        for b in names:
+            cells.append(f"{t[b] * 1e3:.3f} ms ({t[b] / base:.2f}×, {ops[b]} ops)")
+            rows.append([stamp, where, torch.__version__, "uniform", N, C, b, t[b], base, ops[b]])
+        print(f"| {N} × {C} | " + " | ".join(cells) + " |")
+
+    N, C = MODE_SIZE
+    print(f"\n## every mode at {N} × {C}: time / uniform F.cross_entropy (ops per call)\n")
+    print("| mode | " + " | ".join(f"`{b}`" for b in names) + " |")
+    print("|" + "---|" * (1 + len(names)))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, C, generator=g).to(dev).requires_grad_(True)
+    y = torch.randint(0, C, (N,), generator=g).to(dev)
+    for mode, kw in modes(C, N, dev).items():
+        fns = {"F.cross_entropy": step_fn(x, y, None, {})}
+        fns.update({b: step_fn(x, y, b, kw) for b in names})
+        t = interleaved(fns, args.rounds, dev)
+        base = t["F.cross_entropy"]
+        cells = []
+        for b in names:
+            n_ops = op_count(fns[b])
+            cells.append(f"{t[b] / base:.2f}× ({n_ops})")
+            rows.append([stamp, where, torch.__version__, mode, N, C, b, t[b], base, n_ops])
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    new = not os.path.exists(args.csv)
+    with open(args.csv, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(
+                [
+                    "timestamp",
+                    "machine",
+                    "torch",
+                    "mode",
+                    "N",
+                    "C",
+                    "backend",
+                    "seconds",
+                    "f_cross_entropy_seconds",
+                    "ops_per_call",
+                ]  # fmt: skip
+            )
+        w.writerows(rows)
+    print(f"\nrows appended to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

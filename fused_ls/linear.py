@@ -1,0 +1,465 @@
+"""The LM head fused with the loss: ``linear_label_smoothing_cross_entropy`` without the [N, V]
+logits (DESIGN.md §7).
+
+The loss of ``label_smoothing_cross_entropy(F.linear(input, W, b), target, ...)``, computed over
+row chunks of ``input`` [N, H]. Per chunk of n rows, with a reused [n, V] block buffer:
+
+    block  = input_c @ Wᵀ + b                 (the chunk's logits; GEMM accumulates in fp32)
+    block ← d loss_c / d block                 (fused_ls::forward_backward: statistics,
+                                                finalisation and gradient in one call, written
+                                                over the logits while each row is in cache)
+    dX_c   = block @ W                         dW += blockᵀ @ input_c        db += Σ_rows block
+
+so the extra memory is one block (the chunk rule below), never [N, V]. For "mean" and "sum" the
+forward computes the gradients of Σ_i loss_i with those three matmuls, and the backward only
+scales them by the upstream gradient (÷ Σ W_i for "mean"); with ``torch.no_grad()`` or no input
+requiring grad, only the loss is computed (one matmul per chunk). For "none" the upstream gradient
+differs per row and the weight gradient Σ_i go_i g_iᵀ x_i cannot be rescaled afterwards, so the
+forward computes the loss alone and the backward recomputes each block (four matmuls in all).
+
+Precision: fp32 and fp64 compute in their own dtype; bf16 and fp16 use the GEMMs of their own
+dtype on CUDA, and on CPU wherever PyTorch's low-precision GEMM is the fast path (bf16 with
+AVX512-BF16 or AMX, fp16 with AMX-FP16), else fp32 (the inputs are converted per call: an extra
+fp32 copy of W). The logits block has the compute dtype (bf16 logits like ``F.linear``'s); the
+loss is accumulated in fp32 as everywhere; the weight and bias gradients are accumulated over
+chunks in fp32 and rounded once.
+
+Chunk rule (``chunk_rows``): a block about the size of the hidden states themselves (N·H
+elements, the memory the caller already holds), clamped to [8, 64] MiB on CPU and [64, 1024] MiB
+on CUDA, and to at most N rows. ``chunk_size`` overrides it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._api import OptionsModule, make_problem, stats_from_pack
+from ._options import LossOptions, Stats, parse_options
+from ._problem import P_LOSS, PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
+from .backends import acc_dtype
+
+_BLOCK_BYTES = {"cpu": (8 << 20, 64 << 20), "cuda": (64 << 20, 1024 << 20)}
+
+
+def chunk_rows(N: int, H: int, V: int, compute: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk (the module docstring's rule)."""
+    lo, hi = _BLOCK_BYTES.get(device.type, _BLOCK_BYTES["cuda"])
+    size = torch.finfo(compute).bits // 8
+    target = min(max(N * H * size, lo), hi)
+    return max(1, min(N, target // max(1, V * size)))
+
+
+def _fast_cpu_gemm_dtypes() -> frozenset:
+    """The low-precision dtypes whose CPU GEMM is a fast path on this CPU (oneDNN with
+    AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16); measured here: bf16 with AVX512-BF16 ~3×
+    faster than fp32, fp16 without AMX-FP16 ~15× slower."""
+    cpu = torch.cpu
+    fast = set()
+    if cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported():
+        fast.add(torch.bfloat16)
+    if cpu._is_amx_fp16_supported():
+        fast.add(torch.float16)
+    return frozenset(fast)
+
+
+_FAST_CPU = _fast_cpu_gemm_dtypes()
+
+
+def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype of the chunk GEMMs for inputs of `dtype` (the module docstring)."""
+    if device_type != "cpu" or dtype in (torch.float32, torch.float64) or dtype in _FAST_CPU:
+        return dtype
+    return torch.float32
+
+
+def _chunk_problem(p: Problem, s: int, e: int, reduction: int) -> Problem:
+    """The Problem of rows [s, e) with another reduction."""
+    return p._replace(
+        target=p.target[s:e],
+        eps_rows=p.eps_rows[s:e] if p.eps_rows is not None else None,
+        mix_target=p.mix_target[s:e] if p.mix_target is not None else None,
+        mix_rows=p.mix_rows[s:e] if p.mix_rows is not None else None,
+        reduction=reduction,
+    )
+
+
+def linear_rows(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    grad_rows: Tensor | None,
+    fwd_pack: Tensor | None,
+    p: Problem,
+    chunk: int,
+    grad_input: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The chunk loop (module docstring): (loss, pack, dX, dW, db); gradients not asked for are
+    empty. Without ``grad_rows`` the gradients are those of Σ_i loss_i (the forward of "mean" and
+    "sum"); with it and the forward's pack ``fwd_pack`` (the backward of "none") they are those
+    of Σ_i grad_rows_i · loss_i, and the loss is not returned."""
+    N, H = x.shape
+    V = weight.shape[0]
+    dev = x.device
+    cd = compute_dtype(x.dtype, dev.type)
+    acc = acc_dtype(cd)
+    b = backends.get(backend)
+    grads = grad_input or grad_weight or grad_bias
+    recompute = grad_rows is not None
+    xc_all = x if x.dtype == cd else x.to(cd)
+    w = weight if weight.dtype == cd else weight.to(cd)
+    wt = w.t()
+    bias_c = None if bias is None else (bias if bias.dtype == cd else bias.to(cd))
+    pack = fwd_pack if recompute else x.new_empty(N + 1, WIDTH, dtype=acc)
+    none = p.reduction == R_NONE
+    loss = x.new_zeros(N if none and not recompute else 0, dtype=acc)
+    total = x.new_zeros(2, dtype=acc)  # Σ W_i, Σ loss_i
+    dX = x.new_empty(N if grad_input else 0, H if grad_input else 0, dtype=x.dtype)
+    # the weight and bias gradients: accumulated over chunks, in fp32 when the GEMMs are not
+    exact = cd in (torch.float32, torch.float64)
+    dW = x.new_zeros(*((V, H) if grad_weight else (0, 0)), dtype=cd if exact else torch.float32)
+    db = x.new_zeros(V if grad_bias else 0, dtype=dW.dtype)
+    one = x.new_ones((), dtype=acc)
+    buf = x.new_empty(min(chunk, N), V, dtype=cd)
+    chunk_red = R_NONE if (none or recompute) else R_SUM
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        xc = xc_all[s:e]
+        blk = buf[: e - s]
+        if bias_c is None:
+            torch.mm(xc, wt, out=blk)
+        else:
+            torch.addmm(bias_c, xc, wt, out=blk)
+        pc = _chunk_problem(p, s, e, chunk_red)
+        if recompute:  # the gradient from the forward's pack, with each row's upstream grad
+            b.backward(grad_rows[s:e], blk, blk, pack[s : e + 1], pc)
+        elif grads:
+            loss_c, pack_c = b.forward_backward(blk, blk, one, pc)
+        else:
+            loss_c, pack_c = b.forward(blk, pc)
+        if not recompute:
+            pack[s:e] = pack_c[:-1]
+            total += pack_c[-1, :2]
+            if none:
+                loss[s:e] = loss_c
+        if grad_input:
+            if cd == x.dtype:
+                torch.mm(blk, w, out=dX[s:e])
+            else:
+                dX[s:e] = torch.mm(blk, w)
+        if grad_weight:
+            if exact:
+                dW.addmm_(blk.t(), xc)
+            else:
+                dW += torch.mm(blk.t(), xc)
+        if grad_bias:
+            db += blk.sum(0, dtype=db.dtype)
+    if recompute:
+        return loss, pack, dX, dW, db
+    pack[N, :2] = total
+    pack[N, 2:] = 0
+    if p.reduction == R_MEAN:
+        loss = total[T_LOSS] / total[T_W]
+    elif p.reduction == R_SUM:
+        loss = total[T_LOSS].clone()
+    return loss, pack, dX, dW, db
+
+
+# ---- the same loop as an opaque op, for torch.compile -------------------------------------------
+_lib = torch.library.Library("fused_ls", "FRAGMENT")  # noqa: TOR901
+_lib.define(
+    "linear_rows(Tensor x, Tensor lin_weight, Tensor? lin_bias, Tensor? grad_rows, Tensor? fwd_pack, "
+    f"{PROBLEM_SCHEMA}, int chunk, bool grad_input, bool grad_weight, bool grad_bias, "
+    "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+_N_PROBLEM = len(Problem._fields)
+
+
+def _split(args):
+    x, weight, bias, grad_rows, fwd_pack, *rest = args
+    p = Problem(*rest[:_N_PROBLEM])
+    return x, weight, bias, grad_rows, fwd_pack, p, *rest[_N_PROBLEM:]
+
+
+def _impl(*args):
+    return linear_rows(*_split(args))
+
+
+def _fake(*args):
+    x, weight, bias, grad_rows, fwd_pack, p, chunk, gi, gw, gb, backend = _split(args)
+    N, H = x.shape
+    V = weight.shape[0]
+    cd = compute_dtype(x.dtype, x.device.type)
+    acc = acc_dtype(cd)
+    wdt = cd if cd in (torch.float32, torch.float64) else torch.float32
+    recompute = grad_rows is not None
+    if recompute:
+        shape = (0,)
+    else:
+        shape = (N,) if p.reduction == R_NONE else ()
+    return (
+        x.new_empty(shape, dtype=acc),
+        x.new_empty(N + 1, WIDTH, dtype=acc),
+        x.new_empty(N if gi else 0, H if gi else 0, dtype=x.dtype),
+        x.new_empty(*((V, H) if gw else (0, 0)), dtype=wdt),
+        x.new_empty(V if gb else 0, dtype=wdt),
+    )
+
+
+_lib.impl("linear_rows", _impl, "CompositeExplicitAutograd")
+torch.library.register_fake("fused_ls::linear_rows", _fake, lib=_lib)
+
+
+def _run(*args):
+    """``linear_rows`` directly in eager mode, through the opaque op under torch.compile (the
+    chunk loop has a data-dependent length under dynamic shapes)."""
+    if not torch.compiler.is_compiling():
+        return linear_rows(*args)
+    x, weight, bias, grad_rows, fwd_pack, p, *rest = args
+    return torch.ops.fused_ls.linear_rows(x, weight, bias, grad_rows, fwd_pack, *p, *rest)
+
+
+class LinearLossFunction(torch.autograd.Function):
+    """loss, pack = LinearLossFunction.apply(x, weight, bias, chunk, backend, *problem)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, chunk, backend, *problem):
+        p = Problem(*problem)
+        gi, gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gb = bias is not None and ctx.needs_input_grad[2]
+        ctx.set_materialize_grads(False)
+        ctx.chunk, ctx.backend, ctx.scalars = chunk, backend, p.scalars()
+        ctx.wants = (gi, gw, gb)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        if p.reduction == R_NONE:
+            loss, pack, *_ = _run(
+                x, weight, bias, None, None, p, chunk, False, False, False, backend
+            )
+            ctx.save_for_backward(x, weight, bias, pack, *p.tensors())
+        else:
+            loss, pack, dX, dW, db = _run(
+                x, weight, bias, None, None, p, chunk, gi, gw, gb, backend
+            )
+            ctx.save_for_backward(dX, dW, db, pack)
+        ctx.mark_non_differentiable(pack)
+        return loss, pack
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_pack):
+        gi, gw, gb = ctx.wants
+        if grad_loss is None or not (gi or gw or gb):
+            return (None,) * (5 + len(Problem._fields))
+        if ctx.scalars[Problem._fields.index("reduction") - len(Problem._fields)] == R_NONE:
+            x, weight, bias, pack, *tensors = ctx.saved_tensors
+            p = Problem(*tensors, *ctx.scalars)
+            go = grad_loss.to(pack.dtype).contiguous()
+            _, _, dX, dW, db = _run(
+                x, weight, bias, go, pack, p, ctx.chunk, gi, gw, gb, ctx.backend
+            )
+        else:
+            dX, dW, db, pack = ctx.saved_tensors
+            scale = grad_loss.to(pack.dtype)
+            if ctx.scalars[Problem._fields.index("reduction") - len(Problem._fields)] == R_MEAN:
+                scale = scale / pack[-1, T_W]
+            dX, dW, db = (g * scale.to(g.dtype) if g.numel() else g for g in (dX, dW, db))
+        out = [
+            g.to(dt) if want else None
+            for g, want, dt in zip((dX, dW, db), (gi, gw, gb), ctx.dtypes, strict=True)
+        ]
+        return (*out, None, None) + (None,) * len(Problem._fields)
+
+
+def linear_label_smoothing_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    smoothing: float | Tensor = 0.1,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    similarity=None,
+    similarity_mix: float = 1.0,
+    adaptive=None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    confidence_penalty: float = 0.0,
+    mix_target: Tensor | None = None,
+    mix_lambda: float | Tensor | None = None,
+    return_stats: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    process_group=None,
+) -> Tensor | tuple[Tensor, Stats]:
+    """``label_smoothing_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
+    without ever holding the [N, V] logits (see the module docstring for how).
+
+    Args:
+        input: [..., H] hidden states (leading dims flattened); fp32, bf16, fp16 or fp64.
+        linear_weight: [V, H] the head's weight (the model's parameter: tied embeddings work).
+        target: class indices of the leading shape of ``input``.
+        linear_bias: optional [V] bias.
+        chunk_size: rows per chunk (default: the rule of ``chunk_rows``).
+        smoothing, weight, ignore_index, reduction, similarity, similarity_mix, adaptive,
+        z_loss, softcap, confidence_penalty, mix_target, mix_lambda, return_stats, backend:
+            as ``label_smoothing_cross_entropy`` (``weight`` is the [V] class weights).
+
+    Returns:
+        the loss (fp32; fp64 for fp64 inputs; "none": the target's shape), and ``Stats`` if
+        ``return_stats``.
+    """
+    opts = parse_options(
+        smoothing,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        similarity=similarity,
+        similarity_mix=similarity_mix,
+        adaptive=adaptive,
+        z_loss=z_loss,
+        softcap=softcap,
+        confidence_penalty=confidence_penalty,
+        mix_target=mix_target,
+        mix_lambda=mix_lambda,
+        return_stats=return_stats,
+        backend=backend,
+        process_group=process_group,
+    )
+    return linear_loss_with_options(input, linear_weight, target, opts, linear_bias, chunk_size)
+
+
+def _check_linear(input, linear_weight, linear_bias, target):
+    for name, t in (("input", input), ("linear_weight", linear_weight)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if input.dim() < 1:
+        raise ValueError("input must be [..., H], got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be [V, H], got {tuple(linear_weight.shape)}")
+    V, H = linear_weight.shape
+    if input.shape[-1] != H:
+        raise ValueError(
+            f"input has H={input.shape[-1]} features but linear_weight is [V, H] = "
+            f"{tuple(linear_weight.shape)}"
+        )
+    if V == 0:
+        raise ValueError("linear_weight must have at least one row (class)")
+    if linear_weight.dtype != input.dtype:
+        raise ValueError(
+            f"linear_weight is {linear_weight.dtype} but input is {input.dtype} (as F.linear, "
+            "both must have the same dtype)"
+        )
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (V,):
+            got = tuple(linear_bias.shape) if isinstance(linear_bias, Tensor) else linear_bias
+            raise ValueError(f"linear_bias must be [V] = [{V}], got {got}")
+        if linear_bias.dtype != input.dtype:
+            raise ValueError(f"linear_bias is {linear_bias.dtype} but input is {input.dtype}")
+    for name, t in (
+        ("linear_weight", linear_weight),
+        ("linear_bias", linear_bias),
+        ("target", target),
+    ):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if target.is_floating_point():
+        raise ValueError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input {tuple(input.shape)}: "
+            f"expected the leading shape {tuple(input.shape[:-1])}"
+        )
+    return V, H
+
+
+def linear_loss_with_options(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    opts: LossOptions,
+    linear_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+):
+    """``linear_label_smoothing_cross_entropy`` for already-parsed options."""
+    V, H = _check_linear(input, linear_weight, linear_bias, target)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    x = input.reshape(-1, H)
+    N = x.shape[0]
+    dev = x.device
+    cd = compute_dtype(x.dtype, dev.type)
+    req = backends.Request(dev.type, cd, opts.similarity is not None, opts.sparse is not None)
+    chosen = backends.resolve(opts.backend, req)
+    p = make_problem(opts, target, target.shape, acc_dtype(cd), x, V)
+    chunk = chunk_size or chunk_rows(N, H, V, cd, dev)
+    if N == 0:
+        chunk = 1
+    grad = torch.is_grad_enabled() and (
+        input.requires_grad
+        or linear_weight.requires_grad
+        or (linear_bias is not None and linear_bias.requires_grad)
+    )
+    if grad:
+        loss, pack = LinearLossFunction.apply(x, linear_weight, linear_bias, chunk, chosen, *p)
+    else:
+        loss, pack, *_ = _run(
+            x, linear_weight, linear_bias, None, None, p, chunk, False, False, False, chosen
+        )
+    if opts.reduction == "none":
+        loss = loss.reshape(target.shape)
+    if not opts.return_stats:
+        return loss
+    return loss, stats_from_pack(pack.detach(), target.shape)
+
+
+class FusedLinearLabelSmoothingCE(OptionsModule):
+    """The module form of ``linear_label_smoothing_cross_entropy``: the loss keywords at
+    construction (and ``chunk_size``); ``forward(input, linear_weight, target, linear_bias=None,
+    smoothing=None, mix_target=None, mix_lambda=None)`` takes the head's weight from the model, so
+    tied embeddings and FSDP keep working."""
+
+    def __init__(
+        self,
+        smoothing: float = 0.1,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        **kwargs,
+    ):
+        super().__init__(
+            smoothing, weight, ignore_index, reduction, frozenset({"chunk_size"}), kwargs
+        )
+        self.chunk_size = self._own.get("chunk_size")
+
+    def forward(
+        self,
+        input: Tensor,
+        linear_weight: Tensor,
+        target: Tensor,
+        linear_bias: Tensor | None = None,
+        smoothing: Tensor | float | None = None,
+        mix_target: Tensor | None = None,
+        mix_lambda: float | Tensor | None = None,
+    ):
+        opts = self.options(smoothing, mix_target, mix_lambda)
+        return linear_loss_with_options(
+            input, linear_weight, target, opts, linear_bias, self.chunk_size
+        )
+
+
+__all__ = [
+    "FusedLinearLabelSmoothingCE",
+    "chunk_rows",
+    "linear_label_smoothing_cross_entropy",
+]
