@@ -37,7 +37,7 @@ from torch import Tensor
 from . import backends
 from ._api import OptionsModule, make_problem, stats_from_pack
 from ._options import LossOptions, Stats, parse_options
-from ._problem import P_LOSS, PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
+from ._problem import PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
 from .backends import acc_dtype
 
 _BLOCK_BYTES = {"cpu": (8 << 20, 64 << 20), "cuda": (64 << 20, 1024 << 20)}
@@ -172,8 +172,8 @@ def linear_rows(
 # ---- the same loop as an opaque op, for torch.compile -------------------------------------------
 _lib = torch.library.Library("fused_ls", "FRAGMENT")  # noqa: TOR901
 _lib.define(
-    "linear_rows(Tensor x, Tensor lin_weight, Tensor? lin_bias, Tensor? grad_rows, Tensor? fwd_pack, "
-    f"{PROBLEM_SCHEMA}, int chunk, bool grad_input, bool grad_weight, bool grad_bias, "
+    "linear_rows(Tensor x, Tensor lin_weight, Tensor? lin_bias, Tensor? grad_rows, "
+    f"Tensor? fwd_pack, {PROBLEM_SCHEMA}, int chunk, bool grad_input, bool grad_weight, bool grad_bias, "
     "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
