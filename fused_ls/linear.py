@@ -173,8 +173,8 @@ def linear_rows(
 _lib = torch.library.Library("fused_ls", "FRAGMENT")  # noqa: TOR901
 _lib.define(
     "linear_rows(Tensor x, Tensor lin_weight, Tensor? lin_bias, Tensor? grad_rows, "
-    f"Tensor? fwd_pack, {PROBLEM_SCHEMA}, int chunk, bool grad_input, bool grad_weight, bool grad_bias, "
-    "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f"Tensor? fwd_pack, {PROBLEM_SCHEMA}, int chunk, bool grad_input, bool grad_weight, "
+    "bool grad_bias, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 _N_PROBLEM = len(Problem._fields)
