@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# The extension is rebuilt when any csrc/ source changes.
+# The extension is rebuilt in place (ahead of time, fused_ls/build.py) when any csrc/ source changes.
 CSRC    := $(wildcard fused_ls/csrc/*.h fused_ls/csrc/*/*.h fused_ls/csrc/*/*.cpp fused_ls/csrc/*/*.cu)
 
-$(STAMP): requirements-dev.txt setup.py pyproject.toml $(CSRC)
+$(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements-dev.txt
@@ -42,7 +42,7 @@ info: venv
 	$(VPY) -m fused_ls.info
 
 clean:
-	rm -rf build *.egg-info fused_ls/*.so bench_out
+	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out
 
 # Compile-check the CUDA kernels (fused_ls/csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
 # on a machine with nvcc and no GPU (DESIGN.md §6). Fails on any compile error; nothing runs.
@@ -54,7 +54,7 @@ CUDA_ARCHS ?= 8.0;9.0
 $(CUDA_VENV)/.installed:
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip
-	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy setuptools wheel
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy setuptools wheel ninja
 	touch $@
 
 cuda-check: $(CUDA_VENV)/.installed
