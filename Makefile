@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench microbench lint format info clean
+.PHONY: venv test bench microbench lint format info clean install-check
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ format: venv
 
 info: venv
 	$(VPY) -m fused_ls.info
+
+# Install as a user does: a clean copy of the tracked files, `pip install` with build isolation into
+# a fresh venv that has torch, the kernels built on first use (tests/test_install.py; a few minutes).
+install-check: venv
+	FUSED_LS_INSTALL_TEST=1 $(VPY) -m pytest -q -s tests/test_install.py
 
 clean:
 	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out
