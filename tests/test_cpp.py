@@ -1,4 +1,5 @@
-"""The compiled C++ CPU backend (``backend="cpp"``, fused_ls/csrc/cpu) against the float64 dense reference.
+"""The compiled C++ CPU backend (``backend="cpp"``, fused_ls/csrc/cpu) against the float64 dense
+reference.
 
 Every mode of the op contract, every dtype, sizes chosen to hit the kernel's edges, every compiled
 instruction-set path, and thread-count independence. ``MODES`` and ``make_case`` are reused by

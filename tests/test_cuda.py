@@ -1,4 +1,5 @@
-"""The compiled CUDA backend (``backend="cuda"``, fused_ls/csrc/cuda) against the float64 dense reference.
+"""The compiled CUDA backend (``backend="cuda"``, fused_ls/csrc/cuda) against the float64 dense
+reference.
 
 The same modes, dtypes and sizes as tests/test_cpp.py on CUDA tensors, plus the CUDA-specific
 layouts: rows split over several thread blocks (few rows, large vocabularies: 128256 and 262144
