@@ -60,10 +60,12 @@ class BuildExt(build_ext):
         except Exception as e:  # noqa: BLE001 - any build failure falls back to pure Python
             if STRICT:
                 raise
+            log = os.path.join(build_dir, "build.log")
             _warn(
-                f"building the compiled extension failed ({type(e).__name__}: {e}; log: "
-                f"{build_dir}/build.log); installing without it: the kernels will be built on "
-                "first use. Set FUSED_LS_STRICT_BUILD=1 to see the failure as an error."
+                f"building the compiled extension failed ({type(e).__name__}: {e}"
+                + (f"; log: {log}" if os.path.exists(log) else "")
+                + "); installing without it: the kernels will be built on first use. "
+                "Set FUSED_LS_STRICT_BUILD=1 to see the failure as an error."
             )
 
     def copy_extensions_to_source(self):
