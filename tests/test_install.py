@@ -136,7 +136,11 @@ def test_first_use_builds_once_for_concurrent_processes_then_loads_from_cache(in
         for _ in range(2)
     ]
     t0 = time.perf_counter()
-    results = [p.communicate(timeout=600) for p in procs]
+    try:
+        results = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # no-op for a finished process; a hung one does not outlive the test
     first = time.perf_counter() - t0
     for p, (out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, out + err
