@@ -6,14 +6,14 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench microbench lint format info clean
+.PHONY: venv test bench microbench lint format info clean install-check
 
 venv: $(STAMP)
 
-# The extension is rebuilt when any csrc/ source changes.
+# The extension is rebuilt in place (ahead of time, fused_ls/build.py) when any csrc/ source changes.
 CSRC    := $(wildcard fused_ls/csrc/*.h fused_ls/csrc/*/*.h fused_ls/csrc/*/*.cpp fused_ls/csrc/*/*.cu)
 
-$(STAMP): requirements-dev.txt setup.py pyproject.toml $(CSRC)
+$(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements-dev.txt
@@ -41,8 +41,13 @@ format: venv
 info: venv
 	$(VPY) -m fused_ls.info
 
+# Install as a user does: a clean copy of the tracked files, `pip install` with build isolation into
+# a fresh venv that has torch, the kernels built on first use (tests/test_install.py; a few minutes).
+install-check: venv
+	FUSED_LS_INSTALL_TEST=1 $(VPY) -m pytest -q -s tests/test_install.py
+
 clean:
-	rm -rf build *.egg-info fused_ls/*.so bench_out
+	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out
 
 # Compile-check the CUDA kernels (fused_ls/csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
 # on a machine with nvcc and no GPU (DESIGN.md §6). Fails on any compile error; nothing runs.
@@ -54,7 +59,7 @@ CUDA_ARCHS ?= 8.0;9.0
 $(CUDA_VENV)/.installed:
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip
-	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy setuptools wheel
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy setuptools wheel ninja
 	touch $@
 
 cuda-check: $(CUDA_VENV)/.installed

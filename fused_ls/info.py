@@ -1,4 +1,5 @@
-"""``python -m fused_ls.info``: versions, devices and which backends can run here (and why not)."""
+"""``python -m fused_ls.info``: versions, devices, which build of the compiled extension is in use,
+and which backends can run here (and why not)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import platform
 import torch
 
 import fused_ls
+from fused_ls import build
 
 
 def report() -> str:
@@ -28,8 +30,11 @@ def report() -> str:
         )
     else:
         lines.append("cuda device: none")
+    backends = fused_ls.available_backends()  # loads (or builds) the compiled extension
+    ext = build.status()
+    lines.append(f"compiled extension: {ext.describe() if ext else 'not looked for'}")
     lines.append("backends:")
-    for name, why in fused_ls.available_backends().items():
+    for name, why in backends.items():
         status = "available" if not why else "unavailable: " + "; ".join(why)
         lines.append(f"  {name:7s} {status}")
     return "\n".join(lines)

@@ -35,16 +35,13 @@ def load_extension() -> str | None:
     """Load ``fused_ls._C`` once; None on success, else why it is not usable (warned once)."""
     if "error" not in _state:
         try:
-            from fused_ls import _C  # noqa: F401  (loading the library registers the ops)
+            from fused_ls import build
 
+            build.load()  # the ahead-of-time or the cached first-use build (compiled if need be)
             _state["error"] = None
             _register_fakes()
-        except Exception as e:  # noqa: BLE001 - ImportError, OSError (undefined symbol), ...
-            _state["error"] = (
-                f"the compiled extension fused_ls._C could not be loaded ({type(e).__name__}: "
-                f"{e}); rebuild it with `pip install --no-build-isolation -e .` (needs a C++ "
-                "compiler and the installed torch)"
-            )
+        except Exception as e:  # noqa: BLE001 - BuildError (no compiler, ...), OSError, ...
+            _state["error"] = f"the compiled extension fused_ls._C is not available: {e}"
             warnings.warn(
                 f"fused_ls: {_state['error']}; the pure-torch backend will serve",
                 RuntimeWarning,
