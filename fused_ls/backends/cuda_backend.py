@@ -32,8 +32,9 @@ class CudaBackend(ExtensionBackend):
             return why
         if not has_cuda_kernels():
             return (
-                "the compiled extension was built without CUDA kernels (building them needs "
-                "nvcc and a CUDA build of torch at install time)"
+                "the compiled extension was built without CUDA kernels (they need nvcc and a "
+                "CUDA build of torch when the extension is built: at first use, by "
+                "`python -m fused_ls.build`, or at install)"
             )
         if not torch.cuda.is_available():
             return "no CUDA device is available"

@@ -41,8 +41,10 @@ def _load():
 
 def _interpreted(k) -> bool:
     """Whether the kernels were built by the Triton interpreter (they then run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+    try:  # the interpreter module needs numpy, which a CUDA-only install may lack
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
     return isinstance(k._rows_kernel, InterpretedFunction)
 
 

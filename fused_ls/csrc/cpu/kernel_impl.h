@@ -1,7 +1,7 @@
 // The CPU row kernels, written once and compiled once per instruction set.
 //
 // kernel_default.cpp, kernel_avx2.cpp and kernel_avx512.cpp define CPU_CAPABILITY (DEFAULT, AVX2,
-// AVX512) and the matching CPU_CAPABILITY_* macro, then include this file; setup.py adds the ISA
+// AVX512) and the matching CPU_CAPABILITY_* macro, then include this file; fused_ls/build.py adds the ISA
 // flags (-mavx2 -mfma ... / -mavx512f ...) to those translation units only. Everything here lives
 // in namespace fused_ls::cpu::<CPU_CAPABILITY> (and at::vec / rowmath use the same inline
 // namespace), so the three copies never meet at link time; ops.cpp picks one at run time.
