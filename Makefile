@@ -23,8 +23,12 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 test: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
+# The main job: the loss against PyTorch at LM sizes, the op's fixed cost at classifier sizes, and
+# the fused LM head. Each prints markdown tables and appends CSV rows under bench_out/.
 bench: venv
 	$(VPY) benchmarks/bench.py
+	$(VPY) benchmarks/bench_overhead.py
+	$(VPY) benchmarks/bench_linear.py
 
 # Per-op micro-benchmarks (pytest-benchmark); timings only, correctness lives in tests/.
 microbench: venv

@@ -21,6 +21,7 @@ kernel launches' upper bound. Rows are appended to the CSV with the machine and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
@@ -124,9 +125,23 @@ def interleaved(fns: dict, rounds: int, device) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's native code prints two lines per session on file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def op_count(fn) -> int:
     fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return sum(1 for e in prof.events() if e.name.startswith(("aten::", "fused_ls::")))
 
