@@ -200,6 +200,7 @@ def rank_slice(opts, local: int, rows: int, acc: torch.dtype, device) -> RankSli
 
 
 # ---- the merge: two collectives between the statistics and the finalisation --------------------
+@torch.compiler.disable  # eager under torch.compile: a graph break at the collectives
 def merge(stats: Tensor, p: Problem, shard: RankSlice) -> Tensor:
     """The statistics of the whole rows from this rank's ``stats`` ([N, 8], its slice of the
     columns): the same result on every rank of the group (the module docstring)."""

@@ -250,8 +250,27 @@ def check_linear(rank, world):
             _close(nog, ref_l, dtype, f"{what} no_grad loss")
 
 
+def check_triton_interpreted(rank, world):
+    """The Triton backend (through the interpreter on CPU: slow, so two modes)."""
+    if reasons_for("triton", Request("cpu", torch.float32)):
+        return
+    lo, hi = _slice(rank, world)
+    for mode, red in itertools.product(("uniform", "everything"), ("mean", "none")):
+        x, y, g = _problem(world, torch.float32, seed=13)
+        kw = _kw(mode, g, len(y))
+        ref_l, ref_st, (ref_g,) = _loss_grads(lsce, [x], red, y, backend="triton", **kw)
+        loss, st, (grad,) = _loss_grads(
+            lsce, [x[:, lo:hi]], red, y, backend="triton", process_group=dist.group.WORLD, **kw
+        )
+        what = f"triton/{mode}/{red}"
+        _close(loss, ref_l, torch.float32, f"{what} loss")
+        _close(grad, ref_g[:, lo:hi], torch.float32, f"{what} grad")
+        _same_stats(st, ref_st, torch.float32, what)
+
+
 def check_modules(rank, world):
-    """FusedLabelSmoothingCE and FusedLinearLabelSmoothingCE with process_group=."""
+    """FusedLabelSmoothingCE and FusedLinearLabelSmoothingCE with process_group=; the loss
+    under torch.compile (the merge runs eagerly: a graph break)."""
     lo, hi = _slice(rank, world)
     x, y, g = _problem(world, torch.float32, seed=3)
     weight = torch.rand(V, generator=g) + 0.2
@@ -259,6 +278,8 @@ def check_modules(rank, world):
     crit = fused_ls.FusedLabelSmoothingCE(0.2, weight=weight, process_group=group)
     ref = fused_ls.FusedLabelSmoothingCE(0.2, weight=weight)
     _close(crit(x[:, lo:hi], y), ref(x, y), torch.float32, "FusedLabelSmoothingCE")
+    compiled = torch.compile(crit, backend="eager")
+    _close(compiled(x[:, lo:hi], y), ref(x, y), torch.float32, "compiled FusedLabelSmoothingCE")
     h = torch.randn(len(y), H, generator=g)
     w = torch.randn(V, H, generator=g)
     crit = fused_ls.FusedLinearLabelSmoothingCE(0.2, weight=weight, process_group=group)
@@ -400,6 +421,7 @@ CHECKS = {
         check_group_of_one,
         check_linear,
         check_modules,
+        check_triton_interpreted,
         check_collectives,
         check_dtensor,
         check_errors,
@@ -420,7 +442,8 @@ def test_every_mode_equals_single_process(world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fused_linear_head(world):
-    _launch(world, "check_linear", "check_modules")
+    triton = ("check_triton_interpreted",) if world == 2 else ()  # slow: one world size
+    _launch(world, "check_linear", "check_modules", *triton)
 
 
 @pytest.mark.parametrize("world", [2, 3])
