@@ -364,6 +364,14 @@ def check_dtensor(rank, world):
         _same_stats(st, ref_st, torch.float32, f"dtensor {placement}")
     with pytest.raises(ValueError, match="sharded on the class dim"):
         lsce(distribute_tensor(x, mesh, [Shard(0)]), y)
+    # [B, S, V] logits sharded on the last dim, flattened to [B·S, V] rows (the LM layout)
+    kw8 = {**kw, "mix_target": kw["mix_target"][:8]}
+    x3 = distribute_tensor(x[:8].reshape(2, 4, V), mesh, [Shard(2)]).requires_grad_(True)
+    loss = lsce(x3.flatten(0, 1), y[:8], **kw8)
+    loss.backward()
+    ref_l, _, (ref_g,) = _loss_grads(lsce, [x[:8]], "mean", y[:8], **kw8)
+    _close(loss.detach(), ref_l, torch.float32, "dtensor [B, S, V] loss")
+    _close(x3.grad.full_tensor().reshape(8, V), ref_g, torch.float32, "dtensor [B, S, V] grad")
     # a tensor-parallel LM head: nn.Linear with ColwiseParallel(output_layouts=Shard(-1))
     torch.manual_seed(0)
     head = torch.nn.Linear(H, V, bias=False)
