@@ -240,6 +240,7 @@ class LinearLossFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.chunk, ctx.backend, ctx.scalars = chunk, backend, p.scalars()
         ctx.wants = (gi, gw, gb)
+        ctx.reduction = p.reduction
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         if p.reduction == R_NONE:
             loss, pack, *_ = _run(
@@ -259,7 +260,7 @@ class LinearLossFunction(torch.autograd.Function):
         gi, gw, gb = ctx.wants
         if grad_loss is None or not (gi or gw or gb):
             return (None,) * (5 + len(Problem._fields))
-        if ctx.scalars[Problem._fields.index("reduction") - len(Problem._fields)] == R_NONE:
+        if ctx.reduction == R_NONE:
             x, weight, bias, pack, *tensors = ctx.saved_tensors
             p = Problem(*tensors, *ctx.scalars)
             go = grad_loss.to(pack.dtype).contiguous()
@@ -269,9 +270,10 @@ class LinearLossFunction(torch.autograd.Function):
         else:
             dX, dW, db, pack = ctx.saved_tensors
             scale = grad_loss.to(pack.dtype)
-            if ctx.scalars[Problem._fields.index("reduction") - len(Problem._fields)] == R_MEAN:
+            if ctx.reduction == R_MEAN:
                 scale = scale / pack[-1, T_W]
-            dX, dW, db = (g * scale.to(g.dtype) if g.numel() else g for g in (dX, dW, db))
+            # (a 0-dim fp32 factor: computed in fp32, rounded once to the gradient's dtype)
+            dX, dW, db = (g * scale if g.numel() else g for g in (dX, dW, db))
         out = [
             g.to(dt) if want else None
             for g, want, dt in zip((dX, dW, db), (gi, gw, gb), ctx.dtypes, strict=True)
