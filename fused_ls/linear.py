@@ -35,6 +35,8 @@ V=128256: 32 rows 1.45×, 64 rows 1.20×, 128 rows 1.08×; N=4096, H=512, V=3200
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -77,6 +79,32 @@ def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     if device_type != "cpu" or dtype in (torch.float32, torch.float64) or dtype in _FAST_CPU:
         return dtype
     return torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_addmm_ok(device: torch.device) -> bool:
+    """Whether this CUDA device's addmm accumulates low-precision products into an fp32 tensor
+    (``out_dtype``, PyTorch ≥ 2.8); probed once with 1×1 matrices."""
+    if device.type != "cuda":
+        return False
+    try:
+        acc = torch.zeros(1, 1, device=device)
+        one = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+        return bool(acc.item() == 1.0)
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b: in place when the dtypes agree; for low-precision a, b into an fp32 acc,
+    through the GEMM's own fp32 output on CUDA, else via a product in a, b's dtype."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif _fp32_addmm_ok(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += torch.mm(a, b)
 
 
 def _chunk_problem(p: Problem, s: int, e: int, reduction: int) -> Problem:
@@ -157,10 +185,7 @@ def linear_rows(
             else:
                 dX[s:e] = torch.mm(blk, w)
         if grad_weight:
-            if exact:
-                dW.addmm_(blk.t(), xc)
-            else:
-                dW += torch.mm(blk.t(), xc)
+            _accumulate(dW, blk.t(), xc)
         if grad_bias:
             db += blk.sum(0, dtype=db.dtype)
     if recompute:
