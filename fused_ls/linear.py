@@ -81,7 +81,7 @@ def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp32_addmm_ok(device: torch.device) -> bool:
     """Whether this CUDA device's addmm accumulates low-precision products into an fp32 tensor
     (``out_dtype``, PyTorch ≥ 2.8); probed once with 1×1 matrices."""
