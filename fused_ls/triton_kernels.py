@@ -202,7 +202,7 @@ def _finalize(
 ):  # fmt: skip
     # (loss, W, lse, ε, max p, Σpz) of one row from its statistics (csrc/rowmath.h finalize_row)
     lse = m + tl.log(d)
-    conf = tl.exp(m - lse)
+    conf = tl.where(d > 0, 1.0 / d, tl.exp(m - lse))  # max p = exp(m − lse) = 1/d
     if NEED_PZ:
         pz = s / d
     else:

@@ -234,7 +234,7 @@ class TorchBackend(Backend):
         valid, ya, yb = _targets(p)
         m, d, s = stats[:, S_M], stats[:, S_D], stats[:, S_S]
         lse = m + torch.log(d)
-        conf = torch.exp(m - lse)
+        conf = torch.where(d > 0, 1 / d, torch.exp(m - lse))  # max p = exp(m − lse) = 1/d
         pz = s / d
         eps = (
             p.eps_rows.to(acc)

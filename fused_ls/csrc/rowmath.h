@@ -112,6 +112,8 @@ FLS_HD SoftmaxState<T> empty_state() {
 // Merge two states over disjoint column sets: rescale both to the common max.
 template <typename T>
 FLS_HD SoftmaxState<T> merge(SoftmaxState<T> a, SoftmaxState<T> b) {
+  if (a.d == T(0)) return b;  // a holds nothing (empty, or all −inf): no rescaling, no exp
+  if (b.d == T(0)) return a;
   T m = nan_max(a.m, b.m);
   T fa = a.d == T(0) ? T(0) : rm_exp(a.m - m);  // guard: exp(−inf − (−inf)) would be NaN
   T fb = b.d == T(0) ? T(0) : rm_exp(b.m - m);
@@ -134,6 +136,13 @@ FLS_HD void online_add(SoftmaxState<T>& st, T z) {
     st.d += e;
     st.s += pz_term(e, z);
   }
+}
+
+// max p = exp(m − lse) = 1 / d (exactly so in real arithmetic; 1/d is also the more accurate);
+// an all −inf row (d = 0) keeps exp(m − lse) = NaN.
+template <typename T>
+FLS_HD T max_prob(T m, T d, T lse) {
+  return d > T(0) ? T(1) / d : rm_exp(m - lse);
 }
 
 // lse = m + log d (an all −inf row gives −inf).
@@ -303,7 +312,7 @@ template <typename T>
 FLS_HD Final<T> finalize_row(const RowArgs& a, int64_t i, const Stats<T>& st) {
   Final<T> f;
   f.lse = finish_lse(SoftmaxState<T>{st.m, st.d, st.s});
-  f.conf = rm_exp(st.m - f.lse);
+  f.conf = max_prob(st.m, st.d, f.lse);
   f.pz = a.cp != 0 ? st.s / st.d : T(0);
   f.loss = f.W = f.eps = T(0);
   const int64_t ya = a.y_a[i];

@@ -123,33 +123,17 @@ using at::vec::Vectorized;
 // converted to the accumulation dtype into a chunk buffer.
 constexpr int64_t kChunk = 2048;
 
+// Horizontal reductions of one vector (at::vec's shuffle trees: a few instructions, not a store
+// and a scalar loop — at classifier sizes these are a large part of a row's fixed cost).
 template <typename T>
 inline T reduce_sum(const Vectorized<T>& v) {
-  alignas(64) T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  T s = 0;
-  for (int64_t k = 0; k < Vectorized<T>::size(); ++k) s += lanes[k];
-  return s;
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
 }
 
 template <typename T>
-inline T reduce_min(const Vectorized<T>& v) {
-  alignas(64) T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  T m = lanes[0];
-  for (int64_t k = 1; k < Vectorized<T>::size(); ++k) {
-    m = (lanes[k] < m || lanes[k] != lanes[k]) ? lanes[k] : m;  // NaN propagates
-  }
-  return m;
-}
-
-template <typename T>
-inline T reduce_max(const Vectorized<T>& v) {
-  alignas(64) T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  T m = lanes[0];
-  for (int64_t k = 1; k < Vectorized<T>::size(); ++k) m = rm::nan_max(m, lanes[k]);
-  return m;
+inline T reduce_max(const Vectorized<T>& v) {  // NaN propagates
+  return at::vec::vec_reduce_all<T>(
+      [](Vectorized<T>& a, Vectorized<T>& b) { return at::vec::maximum(a, b); }, v);
 }
 
 // A chunk of z in the accumulation dtype, swept as whole vectors: `full` columns read straight
@@ -263,22 +247,26 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
     load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, NEG, cv);
-    // sweep 1: max, min, and the dots Σ R z as plain products; padded lanes hold z = −inf and
-    // R = 0 (masked load). Only if the chunk holds a −inf or NaN (min tells) are the dots redone
-    // with zero-mass terms forced to 0 — the rare masked-vocabulary case.
-    Vec vmax(NEG), vmin(-NEG), va(acc_t(0)), vb(acc_t(0));
+    // sweep 1: max, the −inf lanes, and the dots Σ R z as plain products; padded lanes hold
+    // z = −inf and R = 0 (masked load). Only if the chunk holds a −inf or NaN (the −inf lanes or
+    // a NaN max tell) are the dots redone with zero-mass terms forced to 0 — the rare
+    // masked-vocabulary case.
+    const Vec vneg(NEG);
+    Vec vmax(NEG), vinf(acc_t(0)), va(acc_t(0)), vb(acc_t(0));
     const int64_t nfull = cv.full;
     cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
       vmax = at::vec::maximum(vmax, z);
-      // the tail's padded lanes enter the min and the dots as 0 (0 · −inf would be NaN)
+      // the tail's padded lanes enter the −inf test and the dots as 0 (0 · −inf would be NaN)
       const Vec zd = j < nfull ? z : Vec::set(Vec(acc_t(0)), z, cnt);
-      vmin = at::vec::minimum(vmin, zd);
+      vinf = vinf | (zd == vneg);  // all-ones bits in the lanes that saw −inf
       if (!dots) return;
       va = Ra.p ? at::vec::fmadd(Vec::loadu(Ra.p + c0 + j, cnt), zd, va) : va + zd;
       if (two) vb = at::vec::fmadd(Vec::loadu(Rb.p + c0 + j, cnt), zd, vb);
     });
-    const acc_t cmin = reduce_min(vmin);
-    if (dots && !(cmin > NEG)) {  // −inf or NaN in the chunk
+    const acc_t cm = reduce_max(vmax);
+    constexpr int all_lanes = static_cast<int>((1ull << Vec::size()) - 1);
+    const bool has_neg_inf = (vinf.zero_mask() & all_lanes) != all_lanes;
+    if (dots && (has_neg_inf || cm != cm)) {  // −inf or NaN in the chunk
       va = Vec(acc_t(0));
       vb = Vec(acc_t(0));
       cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
@@ -287,9 +275,8 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
         if (two) vb += rm::masked_term(Vec::loadu(Rb.p + c0 + j, cnt), z);
       });
     }
-    const acc_t cm = reduce_max(vmax);
-    dot_a += reduce_sum(va);
-    dot_b += reduce_sum(vb);
+    if (dots) dot_a += reduce_sum(va);
+    if (two) dot_b += reduce_sum(vb);
     // argmax: remember the first chunk holding the row's max (or its first NaN)
     if (c0 == 0 || rm::argmax_takes<acc_t>(cm, c0, best, best_c0)) {
       best = cm;
@@ -321,7 +308,8 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
       } else {
         cv.for_each([&](const Vec& z, int64_t, int64_t) { vd += rm::rm_exp(z - vcm); });
       }
-      st = rm::merge(st, rm::SoftmaxState<acc_t>{cm, reduce_sum(vd), reduce_sum(vs)});
+      const acc_t cs = a.cp != 0 ? reduce_sum(vs) : acc_t(0);
+      st = rm::merge(st, rm::SoftmaxState<acc_t>{cm, reduce_sum(vd), cs});
     }
   }
   rm::Stats<acc_t> out;
