@@ -269,8 +269,9 @@ def check_triton_interpreted(rank, world):
 
 
 def check_modules(rank, world):
-    """FusedLabelSmoothingCE and FusedLinearLabelSmoothingCE with process_group=; the loss
-    under torch.compile (the merge runs eagerly: a graph break)."""
+    """FusedLabelSmoothingCE and FusedLinearLabelSmoothingCE with process_group=; a deep copy
+    (it shares the group); the loss under torch.compile (the merge runs eagerly: a graph
+    break)."""
     lo, hi = _slice(rank, world)
     x, y, g = _problem(world, torch.float32, seed=3)
     weight = torch.rand(V, generator=g) + 0.2
@@ -278,6 +279,9 @@ def check_modules(rank, world):
     crit = fused_ls.FusedLabelSmoothingCE(0.2, weight=weight, process_group=group)
     ref = fused_ls.FusedLabelSmoothingCE(0.2, weight=weight)
     _close(crit(x[:, lo:hi], y), ref(x, y), torch.float32, "FusedLabelSmoothingCE")
+    twin = copy.deepcopy(crit)  # e.g. an EMA copy of a model holding the loss: the group is shared
+    assert twin._opts.process_group is group
+    _close(twin(x[:, lo:hi], y), ref(x, y), torch.float32, "deep copy")
     compiled = torch.compile(crit, backend="eager")
     _close(compiled(x[:, lo:hi], y), ref(x, y), torch.float32, "compiled FusedLabelSmoothingCE")
     h = torch.randn(len(y), H, generator=g)
