@@ -219,7 +219,8 @@ def merge(stats: Tensor, p: Problem, shard: RankSlice) -> Tensor:
     j = len(cols)
     buf = stats.new_empty(n, j + 1 + p.need_stats)
     buf[:, :j] = stats[:, cols]
-    live = m != float("-inf")  # an all −inf slice adds nothing (its d may be NaN: not read)
+    # a slice whose row is all −inf adds nothing (and exp(m − M) is NaN when M is −inf too)
+    live = m != float("-inf")
     scale = torch.exp(m - M)
     buf[:, 0] = torch.where(live, stats[:, S_D] * scale, 0)
     if p.confidence_penalty != 0.0:
