@@ -23,6 +23,7 @@ from .calibration import (
 )
 from .distillation import distillation_loss
 from .linear import FusedLinearLabelSmoothingCE, linear_label_smoothing_cross_entropy
+from .parallel import VocabShard
 from .schedules import (
     SmoothingScheduler,
     cosine_decay_smoothing,
@@ -46,6 +47,7 @@ __all__ = [
     "SparseSimilarity",
     "SmoothingScheduler",
     "Stats",
+    "VocabShard",
     "available_backends",
     "calibration",
     "cosine_decay_smoothing",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _smoothing, backends
+from . import _smoothing, backends, parallel
 from ._ops import LossFunction
 from ._options import (
     ConfidenceAdaptive,
@@ -83,12 +83,14 @@ def label_smoothing_cross_entropy(
     inplace_backward: bool = False,
     return_stats: bool = False,
     backend: str = "auto",
+    process_group=None,
 ) -> Tensor | tuple[Tensor, Stats]:
     """Label-smoothed cross-entropy without a dense smoothed target or an N×C log-softmax.
 
     Args:
         logits: [N, C], [C] or [N, C, d1, ...] (class dim 1, like ``nn.CrossEntropyLoss``);
-            fp32, bf16, fp16 or fp64.
+            fp32, bf16, fp16 or fp64. With ``process_group``, or as a DTensor sharded on the
+            class dim: this rank's contiguous slice of the classes (``fused_ls.parallel``).
         target: class indices of shape [N], [] or [N, d1, ...]; or probabilities of the logits'
             shape (then exactly ``F.cross_entropy`` with ``label_smoothing``).
         smoothing: ε in [0, 1], or a float tensor of the target's shape (per-sample ε).
@@ -108,9 +110,16 @@ def label_smoothing_cross_entropy(
             The logits must not be used afterwards; autograd raises if another op saved them.
         return_stats: also return ``Stats`` (lse, confidence, prediction) of the target's shape.
         backend: "auto", "torch", "cpp", "cuda" or "triton"; "auto" honours $FUSED_LS_BACKEND.
+        process_group: vocabulary parallelism: a ``torch.distributed`` group whose ranks hold
+            the class slices in rank order (their sizes are exchanged once and cached), or
+            ``fused_ls.VocabShard(group, start, num_classes)``. Every other argument is the same
+            on every rank and indexes all classes; the loss is the single-process loss on the
+            concatenated logits, the gradient this rank's slice of it. A group of one rank is
+            the unsharded loss.
 
     Returns:
-        the loss (fp32; fp64 for fp64 logits), and ``Stats`` if ``return_stats``.
+        the loss (fp32; fp64 for fp64 logits), and ``Stats`` if ``return_stats`` (the
+        prediction is a global class index).
     """
     opts = parse_options(
         smoothing,
@@ -128,6 +137,7 @@ def label_smoothing_cross_entropy(
         return_stats=return_stats,
         backend=backend,
         inplace_backward=inplace_backward,
+        process_group=process_group,
     )
     return loss_with_options(logits, target, opts)
 
@@ -200,6 +210,8 @@ def stats_from_pack(pack: Tensor, shape) -> Stats:
 
 def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
     """The loss of ``label_smoothing_cross_entropy`` for already-parsed options."""
+    if type(logits) is not Tensor and parallel.is_dtensor(logits):
+        logits, target, opts = parallel.from_dtensor(logits, target, opts)
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(
             "logits must be a floating-point tensor, got "
@@ -217,8 +229,15 @@ def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
     )
     chosen = backends.resolve(opts.backend, req)
     acc = backends.acc_dtype(x.dtype)
-    p = make_problem(opts, target, target.shape, acc, x, C)
-    loss, pack = LossFunction.apply(x, chosen, opts.inplace_backward, *p)
+    shard = None
+    if opts.process_group is not None:
+        shard = parallel.rank_slice(opts, C, x.shape[0], acc, x.device)
+    if shard is None:
+        p = make_problem(opts, target, target.shape, acc, x, C)
+        loss, pack = LossFunction.apply(x, chosen, opts.inplace_backward, *p)
+    else:
+        p = make_problem(opts, target, target.shape, acc, x, shard.num_classes, shard.start)
+        loss, pack = parallel.ShardedLossFunction.apply(x, chosen, opts.inplace_backward, shard, *p)
     if opts.reduction == "none" and loss.shape != target.shape:
         loss = loss.reshape(target.shape)
     if not opts.return_stats:

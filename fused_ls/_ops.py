@@ -139,12 +139,17 @@ class LossFunction(torch.autograd.Function):
     def forward(ctx, x, backend, inplace, *problem):
         p = Problem(*problem)
         loss, pack = call("forward", backend, x, p)
+        LossFunction.remember(ctx, x, pack, p, backend, inplace)
+        return loss, pack
+
+    @staticmethod
+    def remember(ctx, x, pack, p: Problem, backend: str, inplace: bool) -> None:
+        """Keep what ``backward`` reads (also after the sharded forward of fused_ls.parallel)."""
         ctx.mark_non_differentiable(pack)
         ctx.set_materialize_grads(False)  # no zero gradient for the pack
         ctx.save_for_backward(x, pack, *p.tensors())
         ctx.scalars = p.scalars()
         ctx.backend, ctx.inplace = backend, inplace
-        return loss, pack
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pack):

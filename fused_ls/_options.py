@@ -11,6 +11,7 @@ the kernels, or once per similarity tensor in ``fused_ls._smoothing``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
 from dataclasses import dataclass
@@ -208,6 +209,13 @@ class LossOptions:
     backend: str = "auto"
     inplace_backward: bool = False
     process_group: object | None = None
+
+    def __deepcopy__(self, memo) -> LossOptions:
+        """A deep copy that shares the process group: a communicator cannot be copied (a model
+        holding a loss module with ``process_group=`` stays deep-copyable)."""
+        memo.setdefault(id(self.process_group), self.process_group)
+        fields = dataclasses.fields(self)
+        return LossOptions(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields})
 
     def replace(self, **kw) -> LossOptions:
         """A copy with ``smoothing`` and/or the mixup keywords changed, validated like the

@@ -40,7 +40,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, parallel
 from ._api import OptionsModule, make_problem, stats_from_pack
 from ._options import LossOptions, Stats, parse_options
 from ._problem import PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
@@ -254,26 +254,34 @@ def _run(*args):
     return torch.ops.fused_ls.linear_rows(x, weight, bias, grad_rows, fwd_pack, *p, *rest)
 
 
+def _runner(shard):
+    """The forward's chunk loop: ``_run``, or over a vocabulary shard (``shard`` a
+    ``fused_ls.parallel.RankSlice``) the two-pass loop of fused_ls.parallel."""
+    return _run if shard is None else functools.partial(parallel.linear_rows, shard)
+
+
 class LinearLossFunction(torch.autograd.Function):
-    """loss, pack = LinearLossFunction.apply(x, weight, bias, chunk, backend, *problem)."""
+    """loss, pack = LinearLossFunction.apply(x, weight, bias, chunk, backend, shard, *problem);
+    ``shard`` None, or a ``fused_ls.parallel.RankSlice`` (the backward then sums dX over it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, chunk, backend, *problem):
+    def forward(ctx, x, weight, bias, chunk, backend, shard, *problem):
         p = Problem(*problem)
+        rows = _runner(shard)
         gi, gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gb = bias is not None and ctx.needs_input_grad[2]
         ctx.set_materialize_grads(False)
-        ctx.chunk, ctx.backend, ctx.scalars = chunk, backend, p.scalars()
+        ctx.chunk, ctx.backend, ctx.scalars, ctx.shard = chunk, backend, p.scalars(), shard
         ctx.wants = (gi, gw, gb)
         ctx.reduction = p.reduction
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         if p.reduction == R_NONE:
-            loss, pack, *_ = _run(
+            loss, pack, *_ = rows(
                 x, weight, bias, None, None, p, chunk, False, False, False, backend
             )
             ctx.save_for_backward(x, weight, bias, pack, *p.tensors())
         else:
-            loss, pack, dX, dW, db = _run(
+            loss, pack, dX, dW, db = rows(
                 x, weight, bias, None, None, p, chunk, gi, gw, gb, backend
             )
             ctx.save_for_backward(dX, dW, db, pack)
@@ -284,7 +292,7 @@ class LinearLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_pack):
         gi, gw, gb = ctx.wants
         if grad_loss is None or not (gi or gw or gb):
-            return (None,) * (5 + len(Problem._fields))
+            return (None,) * (6 + len(Problem._fields))
         if ctx.reduction == R_NONE:
             x, weight, bias, pack, *tensors = ctx.saved_tensors
             p = Problem(*tensors, *ctx.scalars)
@@ -299,11 +307,13 @@ class LinearLossFunction(torch.autograd.Function):
                 scale = scale / pack[-1, T_W]
             # (a 0-dim fp32 factor: computed in fp32, rounded once to the gradient's dtype)
             dX, dW, db = (g * scale if g.numel() else g for g in (dX, dW, db))
+        if ctx.shard is not None and gi:
+            dX = parallel.sum_input_grad(dX, ctx.shard)
         out = [
             g.to(dt) if want else None
             for g, want, dt in zip((dX, dW, db), (gi, gw, gb), ctx.dtypes, strict=True)
         ]
-        return (*out, None, None) + (None,) * len(Problem._fields)
+        return (*out, None, None, None) + (None,) * len(Problem._fields)
 
 
 def linear_label_smoothing_cross_entropy(
@@ -341,6 +351,10 @@ def linear_label_smoothing_cross_entropy(
         smoothing, weight, ignore_index, reduction, similarity, similarity_mix, adaptive,
         z_loss, softcap, confidence_penalty, mix_target, mix_lambda, return_stats, backend:
             as ``label_smoothing_cross_entropy`` (``weight`` is the [V] class weights).
+        process_group: vocabulary parallelism (``fused_ls.parallel``): ``linear_weight`` and
+            ``linear_bias`` hold this rank's rows of the head, ``input`` is the same on every
+            rank; the input gradient is the full one on every rank (summed over the group in
+            the backward), the weight and bias gradients are this rank's rows.
 
     Returns:
         the loss (fp32; fp64 for fp64 inputs; "none": the target's shape), and ``Stats`` if
@@ -433,7 +447,11 @@ def linear_loss_with_options(
     cd = compute_dtype(x.dtype, dev.type)
     req = backends.Request(dev.type, cd, opts.similarity is not None, opts.sparse is not None)
     chosen = backends.resolve(opts.backend, req)
-    p = make_problem(opts, target, target.shape, acc_dtype(cd), x, V)
+    shard = None
+    if opts.process_group is not None:
+        shard = parallel.rank_slice(opts, V, N, acc_dtype(cd), dev)
+    C, offset = (V, 0) if shard is None else (shard.num_classes, shard.start)
+    p = make_problem(opts, target, target.shape, acc_dtype(cd), x, C, offset)
     chunk = chunk_size or chunk_rows(N, H, V, cd, dev)
     if N == 0:
         chunk = 1
@@ -443,9 +461,11 @@ def linear_loss_with_options(
         or (linear_bias is not None and linear_bias.requires_grad)
     )
     if grad:
-        loss, pack = LinearLossFunction.apply(x, linear_weight, linear_bias, chunk, chosen, *p)
+        loss, pack = LinearLossFunction.apply(
+            x, linear_weight, linear_bias, chunk, chosen, shard, *p
+        )
     else:
-        loss, pack, *_ = _run(
+        loss, pack, *_ = _runner(shard)(
             x, linear_weight, linear_bias, None, None, p, chunk, False, False, False, chosen
         )
     if opts.reduction == "none":

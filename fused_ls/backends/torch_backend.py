@@ -193,7 +193,10 @@ class TorchBackend(Backend):
             st = stats[s:e]
             m, argmax[s:e] = torch.max(z, dim=1)  # one pass for the max and the argmax
             st[:, S_M] = m
-            ex = torch.sub(z, m[:, None], out=ws("ex", e - s)).exp_()
+            # shifted by a finite value: an all −inf row gives d = 0 and lse = −inf, as the
+            # compiled kernels' empty state (not exp(−inf − (−inf)) = NaN)
+            shift = torch.where(m == float("-inf"), 0, m)
+            ex = torch.sub(z, shift[:, None], out=ws("ex", e - s)).exp_()
             st[:, S_D] = ex.sum(1)
             if need_pz:  # Σ exp(z − m)·z, p = 0 terms exactly 0 even where z = −inf
                 st[:, S_S] = ex.mul_(torch.where(ex > 0, z, zero, out=ws("t", e - s))).sum(1)
