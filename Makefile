@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench microbench lint format info clean install-check
+.PHONY: venv test bench bench-parallel microbench lint format info clean install-check
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ bench: venv
 	$(VPY) benchmarks/bench.py
 	$(VPY) benchmarks/bench_overhead.py
 	$(VPY) benchmarks/bench_linear.py
+
+# Vocabulary parallelism: 2 gloo processes on this machine vs one process and torch's loss_parallel.
+bench-parallel: venv
+	$(VPY) benchmarks/bench_parallel.py
 
 # Per-op micro-benchmarks (pytest-benchmark); timings only, correctness lives in tests/.
 microbench: venv
