@@ -28,8 +28,8 @@ Peak memory on CPU is the process's peak resident set (``/proc/self/clear_refs``
 ``VmHWM``), as in ``benchmarks/bench.py``; on CUDA the caching allocator's peak. Every
 temporary of N×V floats is far above glibc's mmap threshold (at most 32 MiB), so a freed one does
 not hide in the heap; with much smaller --batch/--seq/--vocab the memory columns are not
-meaningful. Prints a markdown table and the two targets (loss-part memory ≤ 0.2× LabelSmoother's, step
-time ≤ 1.0× it).
+meaningful. Prints a markdown table and the two targets (loss-part memory ≤ 0.2× LabelSmoother's,
+step time ≤ 1.0× it).
 
     python benchmarks/bench_transformers.py [--reps 5] [--batch 8] [--seq 256] [--vocab 32000]
 """
