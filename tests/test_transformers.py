@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (pip install fused_ls[transformers])"
+    "transformers",
+    reason="transformers is not importable (pip install fused_ls[transformers])",
+    exc_type=ImportError,
 )
 
 from transformers import TrainingArguments  # noqa: E402
@@ -497,6 +499,9 @@ def trainer_args(tmp_path, **kw):
     )
 
 
+@pytest.mark.skipif(
+    not transformers.utils.is_accelerate_available(), reason="Trainer needs accelerate"
+)
 @pytest.mark.parametrize("how", ["FusedLSTrainer", "patch_trainer"])
 def test_trainer_trains_like_the_label_smoother(tmp_path, how):
     """Two optimizer steps with gradient accumulation 2 (num_items_in_batch over uneven
