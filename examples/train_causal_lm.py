@@ -186,8 +186,7 @@ def train_one(path, eps, init, data, heldout_rows, args, out_dir):
         dataloader_num_workers=0,
     )
     evals = [round(args.steps * k / args.evals) for k in range(1, args.evals)]
-    eval_rows = heldout_rows[: args.curve_rows]
-    rec = Recorder(lambda m: evaluate(m, eval_rows, args.batch), evals)
+    rec = Recorder(lambda m: evaluate(m, heldout_rows, args.batch), evals)
     cls = FusedLSTrainer if path == "fused" else Trainer
     trainer = cls(model=model, args=targs, train_dataset=data, callbacks=[rec])
     trainer.remove_callback(PrinterCallback)  # no log lines on stdout (disable_tqdm adds it)
@@ -279,8 +278,7 @@ def main(argv=None):
     args.seq = args.seq or (64 if args.quick else 128)
     args.heldout_rows = args.heldout_rows or (32 if args.quick else 128)
     args.log_every = max(1, args.steps // 50)
-    args.evals = 2 if args.quick else 6  # held-out points on the curve (the last on all rows)
-    args.curve_rows = args.heldout_rows // 4
+    args.evals = 2 if args.quick else 6  # held-out points on the curve, the last at the end
     os.makedirs(args.out, exist_ok=True)
     transformers.logging.set_verbosity_error()
     t_start = time.perf_counter()
