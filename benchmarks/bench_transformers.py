@@ -13,7 +13,7 @@ fp32, CPU. Three paths, each exactly what ``Trainer.compute_loss`` runs for it:
   forward calls ``fused_ls.linear_label_smoothing_cross_entropy`` on the hidden states.
 
 All get ``num_items_in_batch`` as Trainer passes it. For each path it measures (median over
-``--reps`` runs, the paths interleaved run by run, after a warm-up):
+``--reps`` runs, the paths taking turns, each timed run after an untimed one of the same path):
 
 - **step**: ``trainer.compute_loss(model, batch)`` + ``loss.backward()`` on the whole model: the
   step's time and its peak memory above the state before the step (parameters, batch, optimizer
@@ -139,14 +139,16 @@ def main(argv=None):
     logits_bytes = args.batch * args.seq * args.vocab * 4
     times = {(p, k): [] for p in paths for k in ("step", "loss_part")}
     losses = {}
-    for rep in range(args.reps + 1):  # rep 0 warms up; the paths take turns within a rep
+    for _ in range(args.reps):
+        # the paths take turns; each timed run follows an untimed one of the same path, so that
+        # no path pays for the memory another one just returned to the OS
         for p, trainers in paths.items():
             for k, trainer in trainers.items():
+                run_step(trainer, batch, n_items)
                 gc.collect()
                 t0 = time.perf_counter()
                 loss = run_step(trainer, batch, n_items)
-                if rep:
-                    times[(p, k)].append(time.perf_counter() - t0)
+                times[(p, k)].append(time.perf_counter() - t0)
                 losses[(p, k)] = float(loss)
     mem = {}
     for p, trainers in paths.items():
