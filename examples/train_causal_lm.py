@@ -18,8 +18,9 @@ initialisation (seed 0). Four runs with the same initialisation, data order and
 - ``fused ε=0.1``: ``FusedLSTrainer`` with the same smoothing.
 
 Reported per run: median step time, peak resident memory during training above the state before
-it, the training loss as optimised (smoothed for ε = 0.1, averaged over the last 10% of steps)
-and, on the held-out split, the unsmoothed NLL, top-1 next-token accuracy and top-label ECE (15
+it (glibc set to mmap every allocation of 64 KiB or more, as in benchmarks/bench_transformers.py),
+the training loss as optimised (smoothed for ε = 0.1, averaged over the last 10% of steps) and,
+on the held-out split, the unsmoothed NLL, top-1 next-token accuracy and top-label ECE (15
 bins) from the ``Stats`` of ``linear_label_smoothing_cross_entropy(..., return_stats=True)`` on
 the final hidden states (no N×V softmax). Writes results.md, results.json, loss_curves.png and
 reliability.png into ``--out``.
@@ -51,6 +52,7 @@ from transformers.trainer_callback import PrinterCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from bench import peak_extra_bytes  # noqa: E402
+from bench_transformers import mmap_large_allocations  # noqa: E402
 
 import fused_ls  # noqa: E402
 from fused_ls.integrations.transformers import FusedLSTrainer  # noqa: E402
@@ -274,6 +276,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--heldout-rows", type=int, help="held-out sequences (default 128; quick 32)")
     args = ap.parse_args(argv)
+    mmap_large_allocations()  # so that the peak-memory column sees every temporary (see there)
     args.steps = args.steps or (20 if args.quick else 400)
     args.seq = args.seq or (64 if args.quick else 128)
     args.heldout_rows = args.heldout_rows or (32 if args.quick else 128)
