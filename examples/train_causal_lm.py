@@ -25,7 +25,7 @@ bins) from the ``Stats`` of ``linear_label_smoothing_cross_entropy(..., return_s
 the final hidden states (no N×V softmax). Writes results.md, results.json, loss_curves.png and
 reliability.png into ``--out``.
 
-    python examples/train_causal_lm.py --out causal_lm_out            # 26 min on 2 shared cores
+    python examples/train_causal_lm.py --out causal_lm_out            # 16 min on 2 shared cores
     python examples/train_causal_lm.py --quick --out causal_lm_quick  # about 30 s
 """
 
