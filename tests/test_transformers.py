@@ -537,3 +537,22 @@ def test_trainer_trains_like_the_label_smoother(tmp_path, how):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=f"parameter {name}")
     ev = [t.evaluate()["eval_loss"] for t in (fused, stock)]
     torch.testing.assert_close(ev[0], ev[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(
+    not transformers.utils.is_accelerate_available(), reason="Trainer needs accelerate"
+)
+def test_fused_trainer_patches_models_from_model_init(tmp_path):
+    """train() re-creates the model from model_init: the new model is patched too."""
+    V = 512
+    trainer = FusedLSTrainer(
+        model_init=lambda: make_model(dtype=torch.float32, vocab_size=V),
+        args=trainer_args(tmp_path),
+        train_dataset=Rows(V),
+        fused_ls_options=dict(z_loss=1e-4),
+    )
+    first = trainer.model
+    trainer.train()
+    assert trainer.model is not first  # re-created by train()
+    assert trainer.model.fused_ls.options == {"z_loss": 1e-4}
+    assert trainer.model.fused_ls.smoothing == EPS and trainer.label_smoother is None
