@@ -1,0 +1,208 @@
+"""One training step of a tiny Llama through Trainer: fused_ls vs Trainer's LabelSmoother.
+
+The model: Llama with hidden 64, 2 layers, 4 heads (2 KV heads), vocabulary 32000, random
+weights from the config; a batch of 8 × 256 tokens (2048 rows of 32000 logits: 250 MiB in fp32),
+fp32, CPU. Three paths, each exactly what ``Trainer.compute_loss`` runs for it:
+
+- ``transformers, ε = 0``: the stock Trainer without smoothing; the model computes its logits and
+  ``ForCausalLMLoss``.
+- ``Trainer LabelSmoother, ε = 0.1``: the stock Trainer with ``label_smoothing_factor=0.1``: the
+  labels are popped, the model builds the logits, ``LabelSmoother`` copies the shifted logits and
+  takes a dense ``log_softmax``.
+- ``fused_ls, ε = 0.1``: ``FusedLSTrainer`` with ``label_smoothing_factor=0.1``: the patched
+  forward calls ``fused_ls.linear_label_smoothing_cross_entropy`` on the hidden states.
+
+All get ``num_items_in_batch`` as Trainer passes it. For each path it measures (median over
+``--reps`` runs, the paths taking turns, each timed run after an untimed one of the same path):
+
+- **step**: ``trainer.compute_loss(model, batch)`` + ``loss.backward()`` on the whole model: the
+  step's time and its peak memory above the state before the step (parameters, batch, optimizer
+  state excluded: there is no optimizer step here).
+- **loss part**: the same ``compute_loss`` + backward on the same model whose decoder stack
+  (``model.model``) is replaced by a stub that returns fixed final hidden states (a leaf tensor
+  that requires grad). What remains is exactly each path's own head + loss code, run through
+  Trainer and the (patched or stock) forward, with the gradients of the hidden states and of
+  ``lm_head.weight``; the decoder's activations, identical in all paths, are out of the picture.
+
+Peak memory is the process's peak resident set above the resident set before the call
+(``/proc/self/clear_refs`` resets ``VmHWM``), as in ``benchmarks/bench.py``. So that this measures
+what a call allocates, glibc is told first (``mallopt(M_MMAP_THRESHOLD, 64 KiB)``) to serve every
+allocation of 64 KiB or more by its own mmap and unmap it when freed: a temporary then cannot
+reuse heap pages that an earlier call left resident (the fused head's chunks, ~31 MiB here, are
+below glibc's default dynamic threshold, and measured 0 without this).
+
+Prints a markdown table and the two targets (loss-part memory ≤ 0.2× LabelSmoother's, step time
+≤ 1.0× it).
+
+    python benchmarks/bench_transformers.py [--reps 5] [--batch 8] [--seq 256] [--vocab 32000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import transformers
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench import device_name, peak_extra_bytes  # noqa: E402
+
+import fused_ls  # noqa: E402
+from fused_ls.integrations.transformers import FusedLSTrainer  # noqa: E402
+
+EPS = 0.1
+
+
+class FixedHidden(nn.Module):
+    """Stands in for the decoder stack: returns the same final hidden states on every call."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, **kwargs):
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+
+def mmap_large_allocations(threshold: int = 1 << 16) -> None:
+    """glibc: allocations >= threshold get their own mmap (returned to the OS on free)."""
+    M_MMAP_THRESHOLD = -3
+    try:
+        ok = ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except OSError:
+        ok = 0
+    if not ok:
+        warnings.warn(
+            "mallopt unavailable (not glibc): freed heap pages may hide peaks", stacklevel=2
+        )
+
+
+def build(args):
+    transformers.logging.set_verbosity_error()
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=args.vocab,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+    n_items = (batch["labels"][:, 1:] != -100).sum()
+
+    out = tempfile.mkdtemp(prefix="bench_transformers_")
+
+    def targs(eps):
+        return TrainingArguments(
+            output_dir=out, use_cpu=True, report_to="none", label_smoothing_factor=eps
+        )
+
+    paths = {}
+    for name, make in (
+        ("transformers, ε = 0", lambda m: Trainer(model=m, args=targs(0.0))),
+        (f"Trainer LabelSmoother, ε = {EPS}", lambda m: Trainer(model=m, args=targs(EPS))),
+        (f"fused_ls, ε = {EPS}", lambda m: FusedLSTrainer(model=m, args=targs(EPS))),
+    ):
+        full = make(copy.deepcopy(base))
+        head_only = copy.deepcopy(base)
+        with torch.no_grad():
+            hidden = base.model(input_ids=ids).last_hidden_state
+        head_only.model = FixedHidden(hidden.clone().requires_grad_(True))
+        part = make(head_only)
+        paths[name] = dict(step=full, loss_part=part)
+    return paths, batch, n_items
+
+
+def run_step(trainer, batch, n_items):
+    model = trainer.model
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    if isinstance(model.model, FixedHidden):
+        model.model.hidden.grad = None
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+    loss.backward()
+    return loss.detach()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=32000)
+    args = ap.parse_args(argv)
+    mmap_large_allocations()
+    warnings.filterwarnings("ignore")
+
+    paths, batch, n_items = build(args)
+    device = torch.device("cpu")
+    logits_bytes = args.batch * args.seq * args.vocab * 4
+    times = {(p, k): [] for p in paths for k in ("step", "loss_part")}
+    losses = {}
+    for _ in range(args.reps):
+        # the paths take turns; each timed run follows an untimed one of the same path, so that
+        # no path pays for the memory another one just returned to the OS
+        for p, trainers in paths.items():
+            for k, trainer in trainers.items():
+                run_step(trainer, batch, n_items)
+                gc.collect()
+                t0 = time.perf_counter()
+                loss = run_step(trainer, batch, n_items)
+                times[(p, k)].append(time.perf_counter() - t0)
+                losses[(p, k)] = float(loss)
+    mem = {}
+    for p, trainers in paths.items():
+        for k, trainer in trainers.items():
+            mem[(p, k)] = peak_extra_bytes(lambda t=trainer: run_step(t, batch, n_items), device)
+
+    print(
+        f"\n{device_name(device)}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, fused_ls {fused_ls.__version__}: Llama hidden 64, 2 layers, "
+        f"vocab {args.vocab}, batch {args.batch} × {args.seq}, fp32; median of {args.reps} "
+        f"(logits: {logits_bytes / 2**20:.0f} MiB)\n"
+    )
+    print(
+        "| path | loss | step time (ms) | step peak (MiB) | loss-part time (ms) "
+        "| loss-part peak (MiB) | loss-part peak (× logits) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    for p in paths:
+        print(
+            f"| {p} | {losses[(p, 'step')]:.5f} | {med[(p, 'step')]:.0f} "
+            f"| {mem[(p, 'step')] / 2**20:.0f} | {med[(p, 'loss_part')]:.0f} "
+            f"| {mem[(p, 'loss_part')] / 2**20:.0f} | {mem[(p, 'loss_part')] / logits_bytes:.2f} |"
+        )
+    names = list(paths)
+    smoother, fused = names[1], names[2]
+    mem_ratio = mem[(fused, "loss_part")] / max(mem[(smoother, "loss_part")], 1)
+    time_ratio = med[(fused, "step")] / med[(smoother, "step")]
+    print(
+        f"\ntargets: loss-part peak memory fused / LabelSmoother = {mem_ratio:.2f} (≤ 0.2: "
+        f"{'met' if mem_ratio <= 0.2 else 'NOT met'}); step time fused / LabelSmoother = "
+        f"{time_ratio:.2f} (≤ 1.0: {'met' if time_ratio <= 1.0 else 'NOT met'})"
+    )
+    diff = abs(losses[(fused, "step")] - losses[(smoother, "step")])
+    print(f"|fused loss − LabelSmoother loss| = {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
