@@ -262,7 +262,7 @@ class LossOptions:
                     f"similarity must be [C, C] = [{C}, {C}], got {tuple(dense.shape)}"
                 )
             _check_device("similarity", dense, device)
-            dense = dense.detach()
+            # (kept as given: the prepared form is cached by the tensor itself; see _smoothing)
         sp_idx = sp_val = None
         if self.sparse is not None:
             sp = self.sparse

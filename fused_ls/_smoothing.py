@@ -187,18 +187,21 @@ def _(weight, similarity, sparse_idx, sparse_val, beta, num_classes, acc64, devi
     )
 
 
+def _no_grad(ctx, *grads):
+    # Class weights and similarities are constants of the loss: no gradient flows through them
+    # (and the op takes them as they are, not detached, so that the cache keeps its key).
+    return (None,) * 8
+
+
+prepare_op.register_autograd(_no_grad)
+
+
 def prepare_traceable(weight, similarity, sparse_idx, sparse_val, beta, C, acc, device_like):
     """``prepare`` in eager mode; under torch.compile, the same through the opaque op."""
     if not torch.compiler.is_compiling():
         return prepare(weight, similarity, sparse_idx, sparse_val, beta, C, acc, device_like.device)
-    # nothing here is differentiable (class weights and similarities are constants of the loss)
     w, R, mass, si, sv = prepare_op(
-        *(t.detach() if t is not None else None for t in (weight, similarity, sparse_idx)),
-        sparse_val,
-        beta,
-        C,
-        acc == torch.float64,
-        device_like.detach(),
+        weight, similarity, sparse_idx, sparse_val, beta, C, acc == torch.float64, device_like
     )
     has_sim = similarity is not None or sparse_idx is not None
     return Smoothing(
