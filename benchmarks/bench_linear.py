@@ -24,7 +24,6 @@ Rows are appended to ``bench_out/linear.csv`` with the machine and versions.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import os
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench import peak_extra_bytes  # noqa: E402
+from bench import append_csv, mmap_large_allocations, peak_extra_bytes  # noqa: E402
 from bench_overhead import machine  # noqa: E402
 
 import fused_ls  # noqa: E402
@@ -195,30 +194,15 @@ def main() -> int:
     ap.add_argument("--csv", default="bench_out/linear.csv")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    mmap_large_allocations()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     where = machine(dev)
     print(f"# fused LM head — {where}, torch {torch.__version__}, {stamp}")
     rows: list = []
     for i, spec in enumerate(args.configs or DEFAULT[dev.type]):
         run_config(spec, dev, args.reps, not args.no_compile, i == 0, rows, stamp, where)
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as f:
-        wr = csv.writer(f)
-        if new:
-            wr.writerow(
-                [
-                    "timestamp",
-                    "machine",
-                    "torch",
-                    "config",
-                    "method",
-                    "seconds",
-                    "extra_mem_x_logits",
-                ]
-            )
-        wr.writerows(rows)
-    print(f"\nrows appended to {args.csv}")
+    header = ["timestamp", "machine", "torch", "config", "method", "seconds", "extra_mem_x_logits"]
+    append_csv(args.csv, header, rows)
     return 0
 
 

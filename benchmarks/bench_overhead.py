@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench import append_csv, device_name  # noqa: E402
+
 import fused_ls  # noqa: E402
 from fused_ls import ConfidenceAdaptive, SparseSimilarity  # noqa: E402
 from fused_ls.backends import Request, reasons_for  # noqa: E402
@@ -44,21 +44,9 @@ SIZES = [(64, 10), (256, 100), (256, 1000), (1024, 1000), (8192, 1000)]
 MODE_SIZE = (256, 100)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+    threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
+    return device_name(device) + threads
 
 
 def modes(C: int, N: int, device) -> dict[str, dict]:
@@ -198,27 +186,9 @@ def main() -> int:
             rows.append([stamp, where, torch.__version__, mode, N, C, b, t[b], base, n_ops])
         print(f"| {mode} | " + " | ".join(cells) + " |")
 
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(
-                [
-                    "timestamp",
-                    "machine",
-                    "torch",
-                    "mode",
-                    "N",
-                    "C",
-                    "backend",
-                    "seconds",
-                    "f_cross_entropy_seconds",
-                    "ops_per_call",
-                ]  # fmt: skip
-            )
-        w.writerows(rows)
-    print(f"\nrows appended to {args.csv}")
+    header = ["timestamp", "machine", "torch", "mode", "N", "C", "backend", "seconds",
+              "f_cross_entropy_seconds", "ops_per_call"]  # fmt: skip
+    append_csv(args.csv, header, rows)
     return 0
 
 

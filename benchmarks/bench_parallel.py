@@ -28,7 +28,6 @@ extra peak memory of a call per rank. Rows are appended to ``bench_out/parallel.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import socket
@@ -43,8 +42,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench import peak_extra_bytes  # noqa: E402
-from bench_overhead import cpu_name  # noqa: E402
+from bench import append_csv, device_name, peak_extra_bytes  # noqa: E402
 
 import fused_ls  # noqa: E402
 
@@ -219,7 +217,7 @@ def main() -> int:
         _worker, args=(_free_port(), args, queue), nprocs=WORLD, start_method="spawn"
     )
     results = queue.get()
-    where = f"{cpu_name()}, {WORLD} gloo processes × 1 thread"
+    where = f"{device_name(torch.device('cpu'))}, {WORLD} gloo processes × 1 thread"
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"\n{where}; torch {torch.__version__}; ε = {EPS}; forward+backward per call\n")
     print(
@@ -239,19 +237,9 @@ def main() -> int:
                 f"{nbytes} ({nbytes / N:.0f}) | {peak / 2**20:.0f} |"
             )
             rows.append([stamp, where, torch.__version__, spec, name, t, len(calls), nbytes, peak])
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(
-                [
-                    "timestamp", "machine", "torch", "config", "contender", "seconds",
-                    "collectives", "bytes_per_rank", "extra_peak_bytes",
-                ]
-            )  # fmt: skip
-        w.writerows(rows)
-    print(f"\nrows appended to {args.csv}")
+    header = ["timestamp", "machine", "torch", "config", "contender", "seconds", "collectives",
+              "bytes_per_rank", "extra_peak_bytes"]  # fmt: skip
+    append_csv(args.csv, header, rows)
     return 0
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import os
 import statistics
@@ -58,7 +57,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import device_name, peak_extra_bytes  # noqa: E402
+from bench import device_name, mmap_large_allocations, peak_extra_bytes  # noqa: E402
 
 import fused_ls  # noqa: E402
 from fused_ls.integrations.transformers import FusedLSTrainer  # noqa: E402
@@ -75,19 +74,6 @@ class FixedHidden(nn.Module):
 
     def forward(self, **kwargs):
         return BaseModelOutputWithPast(last_hidden_state=self.hidden)
-
-
-def mmap_large_allocations(threshold: int = 1 << 16) -> None:
-    """glibc: allocations >= threshold get their own mmap (returned to the OS on free)."""
-    M_MMAP_THRESHOLD = -3
-    try:
-        ok = ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except OSError:
-        ok = 0
-    if not ok:
-        warnings.warn(
-            "mallopt unavailable (not glibc): freed heap pages may hide peaks", stacklevel=2
-        )
 
 
 def build(args):

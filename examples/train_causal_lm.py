@@ -51,8 +51,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from bench import peak_extra_bytes  # noqa: E402
-from bench_transformers import mmap_large_allocations  # noqa: E402
+from bench import (
+    mmap_large_allocations,  # noqa: E402
+    peak_extra_bytes,  # noqa: E402
+)
 
 import fused_ls  # noqa: E402
 from fused_ls.integrations.transformers import FusedLSTrainer  # noqa: E402

@@ -24,13 +24,14 @@ fp32 copy of W). The logits block has the compute dtype (bf16 logits like ``F.li
 loss is accumulated in fp32 as everywhere; the weight and bias gradients are accumulated over
 chunks in fp32 and rounded once.
 
-Chunk rule (``chunk_rows``): at least 256 rows on CPU (512 on CUDA), or N·H/V rows when that is
-more (a block the size of the hidden states the caller already holds), capped by a block of
-64 MiB on CPU (1 GiB on CUDA) and by N. Below ~256 rows the chunk GEMMs lose efficiency: measured
-on the 2-core CPU, one thread, fp32, against the three full-size matmuls: N=1024, H=512,
-V=128256: 32 rows 1.45×, 64 rows 1.20×, 128 rows 1.08×; N=4096, H=512, V=32000: 64 rows 1.09×,
-128 rows 1.04×, 256 rows 1.00× (the whole head, loss included: `benchmarks/bench_linear.py`).
-``chunk_size`` overrides it.
+Chunk rule (``chunk_rows``): at least 256 rows on CPU (512 when the fp32 weight gradient V·H·4
+exceeds 32 MiB: every chunk streams it once, and out of cache that costs), 512 on CUDA, or N·H/V
+rows when that is more (a block the size of the hidden states the caller already holds); capped
+by a block of 128 MiB on CPU (1 GiB on CUDA) and by N. ``chunk_size`` overrides it. Measured on
+the 2-core CPU against the three full-size matmuls (the whole head, loss included): one thread,
+fp32, N=1024, H=512, V=128256: 32 rows 1.45×, 64 rows 1.20×, 128 rows 1.08×; two threads:
+130 rows 1.13×, 256 rows 1.06×, 512 rows 1.05×; N=4096, H=512, V=32000: 256 rows 1.09×,
+512 rows 1.01×; N=4096, H=128, V=32000: 256 rows 0.93×.
 """
 
 from __future__ import annotations
@@ -45,14 +46,18 @@ from ._api import OptionsModule, make_problem, stats_from_pack
 from ._options import LossOptions, Stats, parse_options
 from ._problem import PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
 from .backends import acc_dtype
+from .backends.cpp_backend import accumulate_
 
 # (minimum rows, maximum block bytes) per device type
-_CHUNK = {"cpu": (256, 64 << 20), "cuda": (512, 1 << 30)}
+_CHUNK = {"cpu": (256, 128 << 20), "cuda": (512, 1 << 30)}
+_CPU_CACHED_DW = 32 << 20  # a weight gradient above this streams from memory every chunk
 
 
 def chunk_rows(N: int, H: int, V: int, compute: torch.dtype, device: torch.device) -> int:
     """Rows per chunk (the module docstring's rule)."""
     min_rows, max_bytes = _CHUNK.get(device.type, _CHUNK["cuda"])
+    if device.type == "cpu" and V * H * 4 > _CPU_CACHED_DW:
+        min_rows *= 2
     row_bytes = max(1, V * (torch.finfo(compute).bits // 8))
     rows = min(max(min_rows, N * H // max(V, 1)), max_bytes // row_bytes)
     return max(1, min(N, rows))
@@ -96,15 +101,17 @@ def _fp32_addmm_ok(device: torch.device) -> bool:
         return False
 
 
-def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, tmp: Tensor | None) -> None:
     """acc += a @ b: in place when the dtypes agree; for low-precision a, b into an fp32 acc,
-    through the GEMM's own fp32 output on CUDA, else via a product in a, b's dtype."""
+    through the GEMM's own fp32 output on CUDA, else via the product in ``tmp`` (a reused
+    buffer of a, b's dtype) added by one vectorised pass (cpp_backend.accumulate_)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
     elif _fp32_addmm_ok(acc.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc += torch.mm(a, b)
+        torch.mm(a, b, out=tmp)
+        accumulate_(acc, tmp)
 
 
 def _chunk_problem(p: Problem, s: int, e: int, reduction: int) -> Problem:
@@ -155,6 +162,10 @@ def linear_rows(
     # the weight and bias gradients: accumulated over chunks, in fp32 when the GEMMs are not
     exact = cd in (torch.float32, torch.float64)
     dW = x.new_zeros(*((V, H) if grad_weight else (0, 0)), dtype=cd if exact else torch.float32)
+    # the low-precision product's buffer, where the fp32 accumulation goes through one
+    tmp = None
+    if grad_weight and not exact and not _fp32_addmm_ok(dev):
+        tmp = x.new_empty(V, H, dtype=cd)
     db = x.new_zeros(V if grad_bias else 0, dtype=dW.dtype)
     one = x.new_ones((), dtype=acc)
     buf = x.new_empty(min(chunk, N), V, dtype=cd)
@@ -185,7 +196,7 @@ def linear_rows(
             else:
                 dX[s:e] = torch.mm(blk, w)
         if grad_weight:
-            _accumulate(dW, blk.t(), xc)
+            _accumulate(dW, blk.t(), xc, tmp)
         if grad_bias:
             db += blk.sum(0, dtype=db.dtype)
     if recompute:
@@ -301,14 +312,16 @@ class LinearLossFunction(torch.autograd.Function):
                 x, weight, bias, go, pack, p, ctx.chunk, gi, gw, gb, ctx.backend
             )
         else:
+            # Scale the forward's gradients in place: no second [V, H] weight gradient. They are
+            # then consumed: a second backward (retain_graph=True) hits autograd's version check
+            # of the saved tensors and raises instead of scaling them twice.
             dX, dW, db, pack = ctx.saved_tensors
             scale = grad_loss.to(pack.dtype)
             if ctx.reduction == R_MEAN:
                 scale = scale / pack[-1, T_W]
-            # (a 0-dim fp32 factor: computed in fp32, rounded once to the gradient's dtype)
-            dX, dW, db = (g * scale if g.numel() else g for g in (dX, dW, db))
-        if ctx.shard is not None and gi:
-            dX = parallel.sum_input_grad(dX, ctx.shard)
+            for g in (dX, dW, db):
+                if g.numel():
+                    g.mul_(scale)  # (a 0-dim fp32 factor: computed in fp32, rounded once)
         out = [
             g.to(dt) if want else None
             for g, want, dt in zip((dX, dW, db), (gi, gw, gb), ctx.dtypes, strict=True)

@@ -60,6 +60,17 @@ def _register_fakes() -> None:
 
     for kind in ("forward", "backward", "forward_backward", "row_stats", "finalize"):
         torch.library.register_fake(f"fused_ls::ext_{kind}", fake(kind))
+    torch.library.register_fake("fused_ls::ext_accumulate_", lambda acc, src: None)
+
+
+def accumulate_(acc, src) -> None:
+    """acc += src for a contiguous fp32 ``acc`` and an fp32/bf16/fp16 ``src`` of its size, on
+    CPU: one vectorised pass (the compiled kernel; PyTorch's bf16 → fp32 conversion is scalar)
+    when the extension is available, else ``acc.add_(src)``."""
+    if load_extension() is None:
+        torch.ops.fused_ls.ext_accumulate_(acc, src)
+    else:
+        acc.add_(src)
 
 
 def _require() -> None:

@@ -29,9 +29,10 @@
 namespace fused_ls {
 namespace cpu {
 
-#define FLS_DECLARE_ISA(NS)                                                        \
-  namespace NS {                                                                   \
-  void run_rows(const RowArgs& a, Dtype dt, int phases, int64_t begin, int64_t end); \
+#define FLS_DECLARE_ISA(NS)                                                         \
+  namespace NS {                                                                    \
+  void run_rows(const RowArgs& a, Dtype dt, int phases, int64_t begin, int64_t end);  \
+  void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t end); \
   }
 FLS_DECLARE_ISA(DEFAULT)
 #ifdef FUSED_LS_HAVE_AVX2
@@ -47,22 +48,23 @@ struct Isa {
   const char* name;
   bool supported;  // by this CPU
   void (*run)(const RowArgs&, Dtype, int, int64_t, int64_t);
+  void (*accumulate)(float*, const void*, Dtype, int64_t, int64_t);
 };
 
 // Compiled paths, narrowest first, with whether this CPU can run them.
 const std::vector<Isa>& compiled_isas() {
   static const std::vector<Isa> isas = [] {
-    std::vector<Isa> v{{"default", true, &DEFAULT::run_rows}};
+    std::vector<Isa> v{{"default", true, &DEFAULT::run_rows, &DEFAULT::accumulate}};
 #if defined(FUSED_LS_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    v.push_back({"avx2", avx2, &AVX2::run_rows});
+    v.push_back({"avx2", avx2, &AVX2::run_rows, &AVX2::accumulate});
 #endif
 #if defined(FUSED_LS_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("fma");
-    v.push_back({"avx512", avx512, &AVX512::run_rows});
+    v.push_back({"avx512", avx512, &AVX512::run_rows, &AVX512::accumulate});
 #endif
     return v;
   }();
@@ -205,6 +207,25 @@ struct CpuDevice {
   }
 };
 
+// acc += src (elementwise; acc fp32, src fp32/bf16/fp16 of the same size, both contiguous).
+void accumulate_op(const at::Tensor& acc, const at::Tensor& src) {
+  TORCH_CHECK(acc.device().is_cpu() && src.device().is_cpu(), "fused_ls: CPU tensors only");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous(),
+              "fused_ls: the accumulator must be a contiguous fp32 tensor");
+  TORCH_CHECK(src.is_contiguous() && src.numel() == acc.numel(),
+              "fused_ls: src must be contiguous with the accumulator's size");
+  const at::ScalarType t = src.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "fused_ls: src must be fp32, bf16 or fp16, got ", t);
+  const Isa& isa = select_isa();
+  const Dtype dt = dtype_of(t);
+  float* a = acc.data_ptr<float>();
+  const void* s = src.const_data_ptr();
+  at::parallel_for(0, acc.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    isa.accumulate(a, s, dt, begin, end);
+  });
+}
+
 std::string cpu_isa() { return select_isa().name; }
 
 std::vector<std::string> cpu_isas() {
@@ -227,12 +248,16 @@ TORCH_LIBRARY_FRAGMENT(fused_ls, m) {
         ") -> (Tensor, Tensor)");
   m.def("ext_row_stats(Tensor x, " FLS_PROBLEM_SCHEMA ") -> Tensor");
   m.def("ext_finalize(Tensor stats, " FLS_PROBLEM_SCHEMA ") -> (Tensor, Tensor)");
+  m.def("ext_accumulate_(Tensor(a!) acc, Tensor src) -> ()");
   // The CPU path the next call would take, and the paths compiled in and supported by this CPU.
   m.def("ext_cpu_isa() -> str", &fused_ls::cpu::cpu_isa);
   m.def("ext_cpu_isas() -> str[]", &fused_ls::cpu::cpu_isas);
 }
 
-TORCH_LIBRARY_IMPL(fused_ls, CPU, m) { FLS_REGISTER_IMPLS(m, fused_ls::cpu::CpuDevice); }
+TORCH_LIBRARY_IMPL(fused_ls, CPU, m) {
+  FLS_REGISTER_IMPLS(m, fused_ls::cpu::CpuDevice);
+  m.impl("ext_accumulate_", &fused_ls::cpu::accumulate_op);
+}
 
 // `import fused_ls._C` loads this library, which runs the registrations above.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
