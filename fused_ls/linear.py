@@ -46,7 +46,7 @@ from ._api import OptionsModule, make_problem, stats_from_pack
 from ._options import LossOptions, Stats, parse_options
 from ._problem import PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
 from .backends import acc_dtype
-from .backends.cpp_backend import accumulate_
+from .backends.cpp_backend import accumulate_, scaled_copy_
 
 # (minimum rows, maximum block bytes) per device type
 _CHUNK = {"cpu": (256, 128 << 20), "cuda": (512, 1 << 30)}
@@ -112,6 +112,17 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor, tmp: Tensor | None) -> None:
     else:
         torch.mm(a, b, out=tmp)
         accumulate_(acc, tmp)
+
+
+def _scaled(g: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """g · scale in ``dtype``: in place when g has it, else (an fp32 accumulator) into a new
+    tensor in one pass (cpp_backend.scaled_copy_). The 0-dim fp32 factor is applied in fp32 and
+    the product rounded once."""
+    if g.dtype == dtype:
+        return g.mul_(scale)
+    out = torch.empty_like(g, dtype=dtype)
+    scaled_copy_(out, g, scale.to(torch.float32))
+    return out
 
 
 def _chunk_problem(p: Problem, s: int, e: int, reduction: int) -> Problem:
@@ -302,31 +313,31 @@ class LinearLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_pack):
         gi, gw, gb = ctx.wants
+        none = (None,) * len(Problem._fields)
         if grad_loss is None or not (gi or gw or gb):
-            return (None,) * (6 + len(Problem._fields))
+            return (None,) * 6 + none
         if ctx.reduction == R_NONE:
             x, weight, bias, pack, *tensors = ctx.saved_tensors
             p = Problem(*tensors, *ctx.scalars)
             go = grad_loss.to(pack.dtype).contiguous()
-            _, _, dX, dW, db = _run(
-                x, weight, bias, go, pack, p, ctx.chunk, gi, gw, gb, ctx.backend
-            )
+            _, _, *grads = _run(x, weight, bias, go, pack, p, ctx.chunk, gi, gw, gb, ctx.backend)
+            grads = [g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
         else:
             # Scale the forward's gradients in place: no second [V, H] weight gradient. They are
             # then consumed: a second backward (retain_graph=True) hits autograd's version check
             # of the saved tensors and raises instead of scaling them twice.
-            dX, dW, db, pack = ctx.saved_tensors
+            *grads, pack = ctx.saved_tensors
             scale = grad_loss.to(pack.dtype)
             if ctx.reduction == R_MEAN:
                 scale = scale / pack[-1, T_W]
-            for g in (dX, dW, db):
-                if g.numel():
-                    g.mul_(scale)  # (a 0-dim fp32 factor: computed in fp32, rounded once)
-        out = [
-            g.to(dt) if want else None
-            for g, want, dt in zip((dX, dW, db), (gi, gw, gb), ctx.dtypes, strict=True)
-        ]
-        return (*out, None, None, None) + (None,) * len(Problem._fields)
+            grads = [
+                _scaled(g, scale, dt) if want else None
+                for g, want, dt in zip(grads, (gi, gw, gb), ctx.dtypes, strict=True)
+            ]
+        dX, dW, db = (g if want else None for g, want in zip(grads, (gi, gw, gb), strict=True))
+        if ctx.shard is not None and gi:
+            dX = parallel.sum_input_grad(dX, ctx.shard)
+        return (dX, dW, db, None, None, None) + none
 
 
 def linear_label_smoothing_cross_entropy(

@@ -252,8 +252,10 @@ def test_low_precision_within_pytorchs_own_error(dtype):
         assert err <= 2 * err_pt + atol * (1 if name == "loss" else 0.1), (name, err, err_pt)
 
 
-def test_fp32_accumulation_of_low_precision_products():
-    from fused_ls.backends.cpp_backend import accumulate_
+def test_fp32_accumulation_and_scaled_rounding():
+    """The CPU helpers of the low-precision weight gradient: acc += float(src), and
+    out = dtype(src · scale) rounded once (round to nearest even, as PyTorch's conversion)."""
+    from fused_ls.backends.cpp_backend import accumulate_, scaled_copy_
 
     g = torch.Generator().manual_seed(11)
     for dt in (torch.bfloat16, torch.float16, torch.float32):
@@ -263,6 +265,10 @@ def test_fp32_accumulation_of_low_precision_products():
             want = acc + src.float()
             accumulate_(acc, src)
             assert torch.equal(acc, want), (dt, n)
+            scale = torch.tensor(0.37)
+            out = torch.empty(n, dtype=dt)
+            scaled_copy_(out, acc, scale)
+            assert torch.equal(out, (acc * scale).to(dt)), (dt, n)
 
 
 def test_no_n_by_v_tensor_is_allocated():

@@ -61,16 +61,27 @@ def _register_fakes() -> None:
     for kind in ("forward", "backward", "forward_backward", "row_stats", "finalize"):
         torch.library.register_fake(f"fused_ls::ext_{kind}", fake(kind))
     torch.library.register_fake("fused_ls::ext_accumulate_", lambda acc, src: None)
+    torch.library.register_fake("fused_ls::ext_scaled_copy_", lambda out, src, scale: None)
 
 
 def accumulate_(acc, src) -> None:
     """acc += src for a contiguous fp32 ``acc`` and an fp32/bf16/fp16 ``src`` of its size, on
     CPU: one vectorised pass (the compiled kernel; PyTorch's bf16 → fp32 conversion is scalar)
     when the extension is available, else ``acc.add_(src)``."""
-    if load_extension() is None:
+    if acc.device.type == "cpu" and load_extension() is None:
         torch.ops.fused_ls.ext_accumulate_(acc, src)
     else:
         acc.add_(src)
+
+
+def scaled_copy_(out, src, scale) -> None:
+    """out = src · scale for a contiguous fp32 ``src``, a one-element fp32 ``scale`` and an
+    fp32/bf16/fp16 ``out`` of src's size, rounded once; on CPU one vectorised pass (the compiled
+    kernel) when the extension is available, else ``out.copy_(src * scale)``."""
+    if src.device.type == "cpu" and load_extension() is None:
+        torch.ops.fused_ls.ext_scaled_copy_(out, src, scale.reshape(1))
+    else:
+        out.copy_(src * scale)
 
 
 def _require() -> None:

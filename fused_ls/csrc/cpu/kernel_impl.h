@@ -532,6 +532,36 @@ void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t en
   }
 }
 
+// out[i] = scalar_t(src[i] · scale) for i in [begin, end): the fused head's last step for a
+// gradient accumulated in fp32 (one read, one write, rounded once).
+template <typename scalar_t>
+void scaled_copy_impl(scalar_t* out, const float* src, float scale, int64_t begin, int64_t end) {
+  using Vec = Vectorized<float>;
+  const Vec vs(scale);
+  int64_t i = begin;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + Vec::size() <= end; i += Vec::size()) (Vec::loadu(src + i) * vs).store(out + i);
+  } else {
+    using RVec = Vectorized<scalar_t>;
+    for (; i + RVec::size() <= end; i += RVec::size()) {
+      at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i) * vs,
+                                            Vec::loadu(src + i + Vec::size()) * vs)
+          .store(out + i);
+    }
+  }
+  for (; i < end; ++i) out[i] = static_cast<scalar_t>(src[i] * scale);
+}
+
+void scaled_copy(void* out, const float* src, float scale, Dtype dt, int64_t begin, int64_t end) {
+  switch (dt) {
+    case Dtype::F32: return scaled_copy_impl(static_cast<float*>(out), src, scale, begin, end);
+    case Dtype::BF16:
+      return scaled_copy_impl(static_cast<c10::BFloat16*>(out), src, scale, begin, end);
+    case Dtype::F16: return scaled_copy_impl(static_cast<c10::Half*>(out), src, scale, begin, end);
+    case Dtype::F64: break;  // not offered (ops.cpp checks)
+  }
+}
+
 // Entry point seen by ops.cpp (one per ISA namespace).
 void run_rows(const RowArgs& a, Dtype dt, int phases, int64_t begin, int64_t end) {
   switch (dt) {

@@ -33,6 +33,8 @@ namespace cpu {
   namespace NS {                                                                    \
   void run_rows(const RowArgs& a, Dtype dt, int phases, int64_t begin, int64_t end);  \
   void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t end); \
+  void scaled_copy(void* out, const float* src, float scale, Dtype dt, int64_t begin,  \
+                   int64_t end);                                                    \
   }
 FLS_DECLARE_ISA(DEFAULT)
 #ifdef FUSED_LS_HAVE_AVX2
@@ -49,22 +51,25 @@ struct Isa {
   bool supported;  // by this CPU
   void (*run)(const RowArgs&, Dtype, int, int64_t, int64_t);
   void (*accumulate)(float*, const void*, Dtype, int64_t, int64_t);
+  void (*scaled_copy)(void*, const float*, float, Dtype, int64_t, int64_t);
 };
 
 // Compiled paths, narrowest first, with whether this CPU can run them.
 const std::vector<Isa>& compiled_isas() {
   static const std::vector<Isa> isas = [] {
-    std::vector<Isa> v{{"default", true, &DEFAULT::run_rows, &DEFAULT::accumulate}};
+    std::vector<Isa> v{{"default", true, &DEFAULT::run_rows, &DEFAULT::accumulate,
+                             &DEFAULT::scaled_copy}};
 #if defined(FUSED_LS_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    v.push_back({"avx2", avx2, &AVX2::run_rows, &AVX2::accumulate});
+    v.push_back({"avx2", avx2, &AVX2::run_rows, &AVX2::accumulate, &AVX2::scaled_copy});
 #endif
 #if defined(FUSED_LS_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("fma");
-    v.push_back({"avx512", avx512, &AVX512::run_rows, &AVX512::accumulate});
+    v.push_back(
+        {"avx512", avx512, &AVX512::run_rows, &AVX512::accumulate, &AVX512::scaled_copy});
 #endif
     return v;
   }();
@@ -226,6 +231,30 @@ void accumulate_op(const at::Tensor& acc, const at::Tensor& src) {
   });
 }
 
+// out = src · scale (src a contiguous fp32 tensor, scale a one-element fp32 tensor, out
+// fp32/bf16/fp16 of src's size), rounded once.
+void scaled_copy_op(const at::Tensor& out, const at::Tensor& src, const at::Tensor& scale) {
+  TORCH_CHECK(out.device().is_cpu() && src.device().is_cpu() && scale.device().is_cpu(),
+              "fused_ls: CPU tensors only");
+  TORCH_CHECK(src.scalar_type() == at::kFloat && src.is_contiguous(),
+              "fused_ls: src must be a contiguous fp32 tensor");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == src.numel(),
+              "fused_ls: out must be contiguous with src's size");
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat,
+              "fused_ls: scale must be one fp32 value");
+  const at::ScalarType t = out.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "fused_ls: out must be fp32, bf16 or fp16, got ", t);
+  const Isa& isa = select_isa();
+  const Dtype dt = dtype_of(t);
+  const float s = scale.data_ptr<float>()[0];
+  void* o = out.data_ptr();
+  const float* in = src.const_data_ptr<float>();
+  at::parallel_for(0, src.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    isa.scaled_copy(o, in, s, dt, begin, end);
+  });
+}
+
 std::string cpu_isa() { return select_isa().name; }
 
 std::vector<std::string> cpu_isas() {
@@ -248,7 +277,9 @@ TORCH_LIBRARY_FRAGMENT(fused_ls, m) {
         ") -> (Tensor, Tensor)");
   m.def("ext_row_stats(Tensor x, " FLS_PROBLEM_SCHEMA ") -> Tensor");
   m.def("ext_finalize(Tensor stats, " FLS_PROBLEM_SCHEMA ") -> (Tensor, Tensor)");
+  // The fused head's fp32 accumulation of low-precision GEMM results, and its final scaling.
   m.def("ext_accumulate_(Tensor(a!) acc, Tensor src) -> ()");
+  m.def("ext_scaled_copy_(Tensor(a!) out, Tensor src, Tensor scale) -> ()");
   // The CPU path the next call would take, and the paths compiled in and supported by this CPU.
   m.def("ext_cpu_isa() -> str", &fused_ls::cpu::cpu_isa);
   m.def("ext_cpu_isas() -> str[]", &fused_ls::cpu::cpu_isas);
@@ -257,6 +288,7 @@ TORCH_LIBRARY_FRAGMENT(fused_ls, m) {
 TORCH_LIBRARY_IMPL(fused_ls, CPU, m) {
   FLS_REGISTER_IMPLS(m, fused_ls::cpu::CpuDevice);
   m.impl("ext_accumulate_", &fused_ls::cpu::accumulate_op);
+  m.impl("ext_scaled_copy_", &fused_ls::cpu::scaled_copy_op);
 }
 
 // `import fused_ls._C` loads this library, which runs the registrations above.
