@@ -95,23 +95,31 @@ def _fp32_addmm_ok(device: torch.device) -> bool:
     try:
         acc = torch.zeros(1, 1, device=device)
         one = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+        torch.mm(one, one, out_dtype=torch.float32, out=acc)
         torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-        return bool(acc.item() == 1.0)
+        return bool(acc.item() == 2.0)
     except (RuntimeError, TypeError):
         return False
 
 
-def _accumulate(acc: Tensor, a: Tensor, b: Tensor, tmp: Tensor | None) -> None:
-    """acc += a @ b: in place when the dtypes agree; for low-precision a, b into an fp32 acc,
-    through the GEMM's own fp32 output on CUDA, else via the product in ``tmp`` (a reused
-    buffer of a, b's dtype) added by one vectorised pass (cpp_backend.accumulate_)."""
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, tmp: Tensor | None, first: bool) -> None:
+    """acc += a @ b (acc = a @ b for the first chunk: no zero-filled accumulator): in place when
+    the dtypes agree; for low-precision a, b into an fp32 acc, through the GEMM's own fp32 output
+    on CUDA, else via the product in ``tmp`` (a reused buffer of a, b's dtype) added by one
+    vectorised pass (cpp_backend.accumulate_)."""
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
     elif _fp32_addmm_ok(acc.device):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if first:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         torch.mm(a, b, out=tmp)
-        accumulate_(acc, tmp)
+        accumulate_(acc, tmp, add=not first)
 
 
 def _scaled(g: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -172,7 +180,8 @@ def linear_rows(
     dX = x.new_empty(N if grad_input else 0, H if grad_input else 0, dtype=x.dtype)
     # the weight and bias gradients: accumulated over chunks, in fp32 when the GEMMs are not
     exact = cd in (torch.float32, torch.float64)
-    dW = x.new_zeros(*((V, H) if grad_weight else (0, 0)), dtype=cd if exact else torch.float32)
+    # (written by the first chunk, accumulated by the others: not zero-filled)
+    dW = x.new_empty(*((V, H) if grad_weight else (0, 0)), dtype=cd if exact else torch.float32)
     # the low-precision product's buffer, where the fp32 accumulation goes through one
     tmp = None
     if grad_weight and not exact and not _fp32_addmm_ok(dev):
@@ -207,9 +216,11 @@ def linear_rows(
             else:
                 dX[s:e] = torch.mm(blk, w)
         if grad_weight:
-            _accumulate(dW, blk.t(), xc, tmp)
+            _accumulate(dW, blk.t(), xc, tmp, first=s == 0)
         if grad_bias:
             db += blk.sum(0, dtype=db.dtype)
+    if N == 0:
+        dW.zero_()  # (no chunk wrote it)
     if recompute:
         return loss, pack, dX, dW, db
     pack[N, :2] = total

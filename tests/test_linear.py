@@ -346,3 +346,17 @@ def test_bad_input_names_the_argument(call, exc, match):
     x, w, b, y, _ = _case()
     with pytest.raises(exc, match=match):
         call(x, w, b, y)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_input(reduction):
+    """No rows: no chunk runs; the gradients are zeros (never an unwritten buffer)."""
+    x = torch.randn(0, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    loss = llsce(x, w, y, linear_bias=b, reduction=reduction)
+    ref = F.cross_entropy(F.linear(x, w, b), y, label_smoothing=0.1, reduction=reduction)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    loss.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))

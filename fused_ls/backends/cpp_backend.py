@@ -60,18 +60,20 @@ def _register_fakes() -> None:
 
     for kind in ("forward", "backward", "forward_backward", "row_stats", "finalize"):
         torch.library.register_fake(f"fused_ls::ext_{kind}", fake(kind))
-    torch.library.register_fake("fused_ls::ext_accumulate_", lambda acc, src: None)
+    torch.library.register_fake("fused_ls::ext_accumulate_", lambda acc, src, add: None)
     torch.library.register_fake("fused_ls::ext_scaled_copy_", lambda out, src, scale: None)
 
 
-def accumulate_(acc, src) -> None:
-    """acc += src for a contiguous fp32 ``acc`` and an fp32/bf16/fp16 ``src`` of its size, on
-    CPU: one vectorised pass (the compiled kernel; PyTorch's bf16 → fp32 conversion is scalar)
-    when the extension is available, else ``acc.add_(src)``."""
+def accumulate_(acc, src, add: bool = True) -> None:
+    """acc += src (acc = src without ``add``) for a contiguous fp32 ``acc`` and an
+    fp32/bf16/fp16 ``src`` of its size; on CPU one vectorised pass (the compiled kernel;
+    PyTorch's bf16 → fp32 conversion is scalar) when the extension is available."""
     if acc.device.type == "cpu" and load_extension() is None:
-        torch.ops.fused_ls.ext_accumulate_(acc, src)
-    else:
+        torch.ops.fused_ls.ext_accumulate_(acc, src, add)
+    elif add:
         acc.add_(src)
+    else:
+        acc.copy_(src)
 
 
 def scaled_copy_(out, src, scale) -> None:

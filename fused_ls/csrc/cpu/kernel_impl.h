@@ -500,34 +500,34 @@ void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
   }
 }
 
-// acc[i] += float(src[i]) for i in [begin, end): the fused head's fp32 accumulation of a
-// low-precision GEMM result (one read of src, one read+write of acc; PyTorch's own
-// bf16 → fp32 conversion is a scalar loop, ~6× slower than this at 65M elements).
+// acc[i] (+)= float(src[i]) for i in [begin, end): the fused head's fp32 accumulation of a
+// low-precision GEMM result (one read of src, one read+write of acc, or one write when `add` is
+// false; PyTorch's own bf16 → fp32 conversion is a scalar loop, ~6× slower at 65M elements).
 template <typename scalar_t>
-void accumulate_impl(float* acc, const scalar_t* src, int64_t begin, int64_t end) {
+void accumulate_impl(float* acc, const scalar_t* src, bool add, int64_t begin, int64_t end) {
   using Vec = Vectorized<float>;
+  auto put = [&](int64_t i, const Vec& v) { (add ? Vec::loadu(acc + i) + v : v).store(acc + i); };
   int64_t i = begin;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + Vec::size() <= end; i += Vec::size()) {
-      (Vec::loadu(acc + i) + Vec::loadu(src + i)).store(acc + i);
-    }
+    for (; i + Vec::size() <= end; i += Vec::size()) put(i, Vec::loadu(src + i));
   } else {
     using RVec = Vectorized<scalar_t>;  // 2 × Vec::size() lanes
     for (; i + RVec::size() <= end; i += RVec::size()) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(RVec::loadu(src + i));
-      (Vec::loadu(acc + i) + lo).store(acc + i);
-      (Vec::loadu(acc + i + Vec::size()) + hi).store(acc + i + Vec::size());
+      put(i, lo);
+      put(i + Vec::size(), hi);
     }
   }
-  for (; i < end; ++i) acc[i] += static_cast<float>(src[i]);
+  for (; i < end; ++i) acc[i] = (add ? acc[i] : 0.f) + static_cast<float>(src[i]);
 }
 
-void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t end) {
+void accumulate(float* acc, const void* src, Dtype dt, bool add, int64_t begin, int64_t end) {
   switch (dt) {
-    case Dtype::F32: return accumulate_impl(acc, static_cast<const float*>(src), begin, end);
+    case Dtype::F32: return accumulate_impl(acc, static_cast<const float*>(src), add, begin, end);
     case Dtype::BF16:
-      return accumulate_impl(acc, static_cast<const c10::BFloat16*>(src), begin, end);
-    case Dtype::F16: return accumulate_impl(acc, static_cast<const c10::Half*>(src), begin, end);
+      return accumulate_impl(acc, static_cast<const c10::BFloat16*>(src), add, begin, end);
+    case Dtype::F16:
+      return accumulate_impl(acc, static_cast<const c10::Half*>(src), add, begin, end);
     case Dtype::F64: break;  // not offered (ops.cpp checks)
   }
 }

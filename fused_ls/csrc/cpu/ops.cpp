@@ -32,7 +32,8 @@ namespace cpu {
 #define FLS_DECLARE_ISA(NS)                                                         \
   namespace NS {                                                                    \
   void run_rows(const RowArgs& a, Dtype dt, int phases, int64_t begin, int64_t end);  \
-  void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t end); \
+  void accumulate(float* acc, const void* src, Dtype dt, bool add, int64_t begin,    \
+                  int64_t end);                                                     \
   void scaled_copy(void* out, const float* src, float scale, Dtype dt, int64_t begin,  \
                    int64_t end);                                                    \
   }
@@ -50,7 +51,7 @@ struct Isa {
   const char* name;
   bool supported;  // by this CPU
   void (*run)(const RowArgs&, Dtype, int, int64_t, int64_t);
-  void (*accumulate)(float*, const void*, Dtype, int64_t, int64_t);
+  void (*accumulate)(float*, const void*, Dtype, bool, int64_t, int64_t);
   void (*scaled_copy)(void*, const float*, float, Dtype, int64_t, int64_t);
 };
 
@@ -212,8 +213,9 @@ struct CpuDevice {
   }
 };
 
-// acc += src (elementwise; acc fp32, src fp32/bf16/fp16 of the same size, both contiguous).
-void accumulate_op(const at::Tensor& acc, const at::Tensor& src) {
+// acc += src, or acc = src without `add` (elementwise; acc fp32, src fp32/bf16/fp16 of the same
+// size, both contiguous).
+void accumulate_op(const at::Tensor& acc, const at::Tensor& src, bool add) {
   TORCH_CHECK(acc.device().is_cpu() && src.device().is_cpu(), "fused_ls: CPU tensors only");
   TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous(),
               "fused_ls: the accumulator must be a contiguous fp32 tensor");
@@ -227,7 +229,7 @@ void accumulate_op(const at::Tensor& acc, const at::Tensor& src) {
   float* a = acc.data_ptr<float>();
   const void* s = src.const_data_ptr();
   at::parallel_for(0, acc.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-    isa.accumulate(a, s, dt, begin, end);
+    isa.accumulate(a, s, dt, add, begin, end);
   });
 }
 
@@ -278,7 +280,7 @@ TORCH_LIBRARY_FRAGMENT(fused_ls, m) {
   m.def("ext_row_stats(Tensor x, " FLS_PROBLEM_SCHEMA ") -> Tensor");
   m.def("ext_finalize(Tensor stats, " FLS_PROBLEM_SCHEMA ") -> (Tensor, Tensor)");
   // The fused head's fp32 accumulation of low-precision GEMM results, and its final scaling.
-  m.def("ext_accumulate_(Tensor(a!) acc, Tensor src) -> ()");
+  m.def("ext_accumulate_(Tensor(a!) acc, Tensor src, bool add) -> ()");
   m.def("ext_scaled_copy_(Tensor(a!) out, Tensor src, Tensor scale) -> ()");
   // The CPU path the next call would take, and the paths compiled in and supported by this CPU.
   m.def("ext_cpu_isa() -> str", &fused_ls::cpu::cpu_isa);
