@@ -340,7 +340,9 @@ class LinearLossFunction(torch.autograd.Function):
             *grads, pack = ctx.saved_tensors
             scale = grad_loss.to(pack.dtype)
             if ctx.reduction == R_MEAN:
-                scale = scale / pack[-1, T_W]
+                # a mean over no counted rows (0/0) has zero gradients, as in PyTorch
+                total = pack[-1, T_W]
+                scale = torch.where(total != 0, scale / total, 0)
             grads = [
                 _scaled(g, scale, dt) if want else None
                 for g, want, dt in zip(grads, (gi, gw, gb), ctx.dtypes, strict=True)
