@@ -3,11 +3,13 @@
     python benchmarks/gpu_check.py [--skip-tests] [--skip-bench] [--reps 10] [--out bench_out]
 
 1. Prints the device (name, capability, memory) and the versions.
-2. Runs pytest on CUDA tensors: tests/test_triton.py (the Triton backend with the interpreter off),
-   tests/test_cuda.py when present (the compiled CUDA backend), and tests/test_contract.py with
-   FUSED_LS_TEST_DEVICE=cuda (the op contract on every backend that serves CUDA tensors).
+2. Runs pytest on CUDA tensors, the files concurrently: tests/test_triton.py (the Triton backend
+   with the interpreter off), tests/test_cuda.py (the compiled CUDA backend),
+   tests/test_contract.py with FUSED_LS_TEST_DEVICE=cuda (the op contract on every backend that
+   serves CUDA tensors) and tests/test_linear_cuda.py (the fused LM head on CUDA).
 3. Benchmarks forward + backward at N = 16384, V ∈ {32000, 128256}, bf16 and fp32, of eager
-   ``F.cross_entropy(label_smoothing=0.1)``, ``torch.compile`` of it, and every fused_ls backend
+   ``F.cross_entropy(label_smoothing=0.1)``, ``torch.compile`` of it (bf16 only: each shape is a
+   compilation of a minute or so), and every fused_ls backend
    that serves CUDA tensors (with and without ``inplace_backward``):
    - median time over ``--reps`` runs (CUDA events; inputs reset outside the timed region),
    - GB/s under the byte model "one read of the logits + one write of the gradient"
@@ -51,6 +53,12 @@ N_ROWS = 16384
 VOCABS = (32000, 128256)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SMOOTHING = 0.1
+TEST_FILES = (
+    "tests/test_triton.py",
+    "tests/test_cuda.py",
+    "tests/test_contract.py",
+    "tests/test_linear_cuda.py",
+)
 
 
 def device_report() -> str:
@@ -74,33 +82,40 @@ def device_report() -> str:
 # tests
 # ---------------------------------------------------------------------------------------------
 def run_tests(timeout: int) -> bool:
+    """The CUDA test files, concurrently (one pytest process each: Triton's compilation is
+    CPU-bound and the GPU is shared without harm at these sizes), each bounded by ``timeout``."""
     env = dict(os.environ, FUSED_LS_TEST_DEVICE="cuda")
     env.pop("TRITON_INTERPRET", None)
-    files = [
-        f
-        for f in ("tests/test_triton.py", "tests/test_cuda.py", "tests/test_contract.py")
-        if os.path.exists(os.path.join(ROOT, f))
-    ]
+    files = [f for f in TEST_FILES if os.path.exists(os.path.join(ROOT, f))]
+    t0 = time.perf_counter()
+    procs = {
+        f: subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for f in files
+    }
     ok = True
-    for f in files:
-        t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f]
+    for f, proc in procs.items():
         try:
-            r = subprocess.run(
-                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-            )
-            out, rc = r.stdout + r.stderr, r.returncode
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            out, rc = out + f"\nTIMEOUT after {timeout} s", -1
+            out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            out, rc = (out or "") + f"\nTIMEOUT after {timeout} s", -1
         lines = [ln for ln in out.strip().splitlines() if ln.strip()]
         verdict = "PASS" if rc == 0 else f"FAIL (rc={rc})"
         print(
-            f"\n## pytest {f} (FUSED_LS_TEST_DEVICE=cuda): {verdict} in "
+            f"\n## pytest {f} (FUSED_LS_TEST_DEVICE=cuda): {verdict}, done at "
             f"{time.perf_counter() - t0:.0f} s"
         )
         shown = lines if rc != 0 else lines[-3:]
-        print("\n".join(shown[-60:]))
+        print("\n".join(shown[-80:]), flush=True)
         ok &= rc == 0
     return ok
 
@@ -195,8 +210,9 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
             with torch.no_grad():
                 ref_loss = float(eager_ce(base.float(), y))
             methods = [("eager F.cross_entropy", eager_ce, False)]
-            compiled = torch.compile(eager_ce, dynamic=False)
-            methods.append(("torch.compile(F.cross_entropy)", compiled, False))
+            if dtype == torch.bfloat16:
+                compiled = torch.compile(eager_ce, dynamic=False)
+                methods.append(("torch.compile(F.cross_entropy)", compiled, False))
             req = Request("cuda", dtype, False, False)
             names = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
             for b in names:
@@ -282,7 +298,7 @@ def kernel_counts(backends: list[str] | None) -> str:
     return "\n".join(lines)
 
 
-def linear_head(reps: int) -> str:
+def linear_head(reps: int, backends: list[str] | None) -> str:
     """The fused LM head at N = 16384, H = 4096, V = 128256, bf16 (module docstring, item 5)."""
     import fused_ls
 
@@ -310,10 +326,13 @@ def linear_head(reps: int) -> str:
         "eager F.cross_entropy(F.linear)": step(
             lambda x, w: F.cross_entropy(F.linear(x, w).float(), y, label_smoothing=SMOOTHING)
         ),
-        "fused_ls": step(
-            lambda x, w: fused_ls.linear_label_smoothing_cross_entropy(x, w, y, SMOOTHING)
-        ),
     }
+    for b in backends or ["auto"]:
+        methods[f"fused_ls[{b}]"] = step(
+            lambda x, w, b=b: fused_ls.linear_label_smoothing_cross_entropy(
+                x, w, y, SMOOTHING, backend=b
+            )
+        )
     inputs = x0.numel() * 2 + w0.numel() * 2
     lines = [
         f"fused LM head, N={N}, H={H}, V={V}, bf16 (inputs {inputs / 2**30:.2f} GiB)",
@@ -363,6 +382,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _report(section, *args) -> None:
+    """Print a section's table, or its error (the lease goes on with the next section)."""
+    try:
+        print(section(*args), flush=True)
+    except Exception:  # noqa: BLE001 - one failed section must not cost the others
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-tests", action="store_true")
@@ -384,9 +414,10 @@ def main() -> int:
         return 2
     t0 = time.perf_counter()
     print(device_report())
+    import fused_ls
     import fused_ls.info
 
-    print(fused_ls.info.report())
+    print(fused_ls.info.report(), flush=True)
     tests_ok = True
     if not args.skip_tests:
         tests_ok = run_tests(args.test_timeout)
@@ -409,10 +440,16 @@ def main() -> int:
         print()
         print(markdown(rows))
         backends = [b for b in args.backends.split(",") if b] or None
-        print("\n## kernels per call\n")
-        print(kernel_counts(backends))
-        print("\n## fused LM head\n")
-        print(linear_head(max(3, args.reps // 2)))
+        print("\n## kernels per call\n", flush=True)
+        _report(kernel_counts, backends)
+        print("\n## fused LM head\n", flush=True)
+        from fused_ls.backends import Request, reasons_for
+
+        req = Request("cuda", torch.bfloat16, False, False)
+        head = backends or [
+            b for b in fused_ls.BACKEND_NAMES if b != "torch" and not reasons_for(b, req)
+        ]
+        _report(linear_head, max(3, args.reps // 2), head)
     print(f"\ngpu_check finished in {time.perf_counter() - t0:.0f} s")
     return 0 if tests_ok else 1
 
