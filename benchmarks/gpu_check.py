@@ -81,12 +81,12 @@ def device_report() -> str:
 # ---------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------
-def run_tests(timeout: int) -> bool:
+def run_tests(timeout: int, test_files) -> bool:
     """The CUDA test files, concurrently (one pytest process each: Triton's compilation is
     CPU-bound and the GPU is shared without harm at these sizes), each bounded by ``timeout``."""
     env = dict(os.environ, FUSED_LS_TEST_DEVICE="cuda")
     env.pop("TRITON_INTERPRET", None)
-    files = [f for f in TEST_FILES if os.path.exists(os.path.join(ROOT, f))]
+    files = [f for f in test_files if os.path.exists(os.path.join(ROOT, f))]
     t0 = time.perf_counter()
     procs = {
         f: subprocess.Popen(
@@ -298,9 +298,46 @@ def kernel_counts(backends: list[str] | None) -> str:
     return "\n".join(lines)
 
 
-def linear_head(reps: int, backends: list[str] | None) -> str:
+def small_sizes(backends: list[str], reps: int = 200) -> str:
+    """Wall-clock forward + backward per call at classifier sizes, where the op's fixed cost
+    (launches and host work) is the time: synchronised, median of batches of 20 calls."""
+    import fused_ls
+
+    lines = ["| N × C (bf16) | " + " | ".join(["F.cross_entropy", *backends]) + " |"]
+    lines.append("|---|" + "---:|" * (1 + len(backends)))
+    for n, c in ((64, 10), (256, 1000), (1024, 32000), (4096, 32000)):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x0 = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, generator=gen)
+        y = torch.randint(0, c, (n,), device="cuda", generator=gen)
+        x = x0.clone().requires_grad_(True)
+        fns = [lambda: F.cross_entropy(x, y, label_smoothing=SMOOTHING).backward()]
+        for b in backends:
+            fns.append(
+                lambda b=b: fused_ls.label_smoothing_cross_entropy(
+                    x, y, SMOOTHING, backend=b
+                ).backward()
+            )
+        cells = []
+        for fn in fns:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(reps // 20):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) / 20 * 1e6)
+            cells.append(f"{statistics.median(times):.0f} µs")
+        lines.append(f"| {n} × {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str:
     """The fused LM head at N = 16384, H = 4096, V = 128256, bf16 (module docstring, item 5)."""
     import fused_ls
+    from fused_ls.linear import chunk_rows
 
     N, H, V = 16384, 4096, 128256
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -327,12 +364,14 @@ def linear_head(reps: int, backends: list[str] | None) -> str:
             lambda x, w: F.cross_entropy(F.linear(x, w).float(), y, label_smoothing=SMOOTHING)
         ),
     }
+    default = chunk_rows(N, H, V, torch.bfloat16, torch.device("cuda"))
     for b in backends or ["auto"]:
-        methods[f"fused_ls[{b}]"] = step(
-            lambda x, w, b=b: fused_ls.linear_label_smoothing_cross_entropy(
-                x, w, y, SMOOTHING, backend=b
+        for c in chunks:
+            methods[f"fused_ls[{b}], chunk {c or f'{default} (default)'}"] = step(
+                lambda x, w, b=b, c=c: fused_ls.linear_label_smoothing_cross_entropy(
+                    x, w, y, SMOOTHING, backend=b, chunk_size=c
+                )
             )
-        )
     inputs = x0.numel() * 2 + w0.numel() * 2
     lines = [
         f"fused LM head, N={N}, H={H}, V={V}, bf16 (inputs {inputs / 2**30:.2f} GiB)",
@@ -401,6 +440,15 @@ def main() -> int:
     ap.add_argument("--test-timeout", type=int, default=240, help="seconds per pytest file")
     ap.add_argument("--backends", default="", help="comma list (default: all that serve CUDA)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out"))
+    ap.add_argument(
+        "--sections",
+        default="tests,bench,kernels,small,head",
+        help="comma list of tests, bench, kernels, small, head",
+    )
+    ap.add_argument("--tests", default=",".join(TEST_FILES), help="comma list of test files")
+    ap.add_argument(
+        "--head-chunks", default="0", help="comma list of chunk sizes for the head (0: default)"
+    )
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
@@ -418,19 +466,24 @@ def main() -> int:
     import fused_ls.info
 
     print(fused_ls.info.report(), flush=True)
+    sections = set(args.sections.split(","))
+    if args.skip_tests:
+        sections.discard("tests")
+    if args.skip_bench:
+        sections -= {"bench", "kernels", "small", "head"}
     tests_ok = True
-    if not args.skip_tests:
-        tests_ok = run_tests(args.test_timeout)
+    if "tests" in sections:
+        tests_ok = run_tests(args.test_timeout, args.tests.split(","))
         print(
             f"\ntests: {'all passed' if tests_ok else 'FAILURES (see above)'} "
             f"({time.perf_counter() - t0:.0f} s so far)"
         )
-    if not args.skip_bench:
+    backends = [b for b in args.backends.split(",") if b] or None
+    if "bench" in sections:
         print(
             f"\n## benchmark: N={N_ROWS}, fwd+bwd, label_smoothing={SMOOTHING}, "
             f"median of {args.reps}"
         )
-        backends = [b for b in args.backends.split(",") if b] or None
         rows = run_bench(args.reps, args.out, backends)
         print()
         print(
@@ -439,17 +492,20 @@ def main() -> int:
         )
         print()
         print(markdown(rows))
-        backends = [b for b in args.backends.split(",") if b] or None
+    if "kernels" in sections:
         print("\n## kernels per call\n", flush=True)
         _report(kernel_counts, backends)
-        print("\n## fused LM head\n", flush=True)
-        from fused_ls.backends import Request, reasons_for
+    from fused_ls.backends import Request, reasons_for
 
-        req = Request("cuda", torch.bfloat16, False, False)
-        head = backends or [
-            b for b in fused_ls.BACKEND_NAMES if b != "torch" and not reasons_for(b, req)
-        ]
-        _report(linear_head, max(3, args.reps // 2), head)
+    req = Request("cuda", torch.bfloat16, False, False)
+    gpu = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
+    if "small" in sections:
+        print("\n## fixed cost: wall-clock fwd+bwd per call at small sizes\n", flush=True)
+        _report(small_sizes, gpu)
+    if "head" in sections:
+        print("\n## fused LM head\n", flush=True)
+        chunks = [int(c) or None for c in args.head_chunks.split(",")]
+        _report(linear_head, max(3, args.reps // 2), [b for b in gpu if b != "torch"], chunks)
     print(f"\ngpu_check finished in {time.perf_counter() - t0:.0f} s")
     return 0 if tests_ok else 1
 

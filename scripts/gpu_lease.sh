@@ -26,7 +26,8 @@ torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__)"
     t=$(date +%s)
     "$py" -m fused_ls.build
     echo "build: rc=$? in $(($(date +%s) - t)) s"
-    timeout "${GPU_CHECK_TIMEOUT:-450}" "$py" benchmarks/gpu_check.py \
+    # shellcheck disable=SC2086 # GPU_CHECK_ARGS: extra arguments, word-split on purpose
+    timeout "${GPU_CHECK_TIMEOUT:-450}" "$py" benchmarks/gpu_check.py ${GPU_CHECK_ARGS:-} \
         --test-timeout "${TEST_TIMEOUT:-240}" --out "$out"
     echo "gpu_check: rc=$?"
 } 2>&1 | tee "$out/gpu_lease.log"
