@@ -49,7 +49,7 @@ from .backends import acc_dtype
 from .backends.cpp_backend import accumulate_, scaled_copy_
 
 # (minimum rows, maximum block bytes) per device type
-_CHUNK = {"cpu": (256, 128 << 20), "cuda": (512, 1 << 30)}
+_CHUNK = {"cpu": (256, 128 << 20), "cuda": (4096, 1 << 30)}
 _CPU_CACHED_DW = 32 << 20  # a weight gradient above this streams from memory every chunk
 
 
