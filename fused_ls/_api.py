@@ -225,7 +225,11 @@ def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     req = backends.Request(
-        x.device.type, x.dtype, opts.similarity is not None, opts.sparse is not None
+        x.device.type,
+        x.dtype,
+        opts.similarity is not None,
+        opts.sparse is not None,
+        backends.is_small(x),
     )
     chosen = backends.resolve(opts.backend, req)
     acc = backends.acc_dtype(x.dtype)

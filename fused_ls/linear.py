@@ -492,16 +492,20 @@ def linear_loss_with_options(
     N = x.shape[0]
     dev = x.device
     cd = compute_dtype(x.dtype, dev.type)
-    req = backends.Request(dev.type, cd, opts.similarity is not None, opts.sparse is not None)
+    chunk = chunk_size or chunk_rows(N, H, V, cd, dev)
+    if N == 0:
+        chunk = 1
+    # the backend is chosen for one chunk's block of logits
+    small = dev.type == "cuda" and min(chunk, N) * V < backends.SMALL_LOGITS
+    req = backends.Request(
+        dev.type, cd, opts.similarity is not None, opts.sparse is not None, small
+    )
     chosen = backends.resolve(opts.backend, req)
     shard = None
     if opts.process_group is not None:
         shard = parallel.rank_slice(opts, V, N, acc_dtype(cd), dev)
     C, offset = (V, 0) if shard is None else (shard.num_classes, shard.start)
     p = make_problem(opts, target, target.shape, acc_dtype(cd), x, C, offset)
-    chunk = chunk_size or chunk_rows(N, H, V, cd, dev)
-    if N == 0:
-        chunk = 1
     grad = torch.is_grad_enabled() and (
         input.requires_grad
         or linear_weight.requires_grad

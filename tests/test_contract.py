@@ -337,3 +337,28 @@ def test_auto_backend_and_env_override(monkeypatch):
         fused_ls.label_smoothing_cross_entropy(x, y)
     monkeypatch.delenv("FUSED_LS_BACKEND")
     assert fused_ls.backends.resolve("auto", req) in BACKENDS + ["triton"]
+
+
+def test_auto_on_cuda_orders_by_size(monkeypatch):
+    """On CUDA "auto" takes the C++ op (lowest host cost per call) for fewer logits than
+    SMALL_LOGITS and Triton (fastest on the logits) from there; each falls back to the next that
+    can serve. The order is checked with every backend declared able (no GPU needed)."""
+    from fused_ls import backends
+
+    able = {"triton", "cuda", "torch"}
+    monkeypatch.setattr(backends, "reasons_for", lambda name, req: [] if name in able else ["x"])
+    backends._resolve.cache_clear()
+    monkeypatch.delenv("FUSED_LS_BACKEND", raising=False)
+    try:
+        big = Request("cuda", torch.bfloat16, False, False, small=False)
+        small = Request("cuda", torch.bfloat16, False, False, small=True)
+        assert backends.resolve("auto", big) == "triton"
+        assert backends.resolve("auto", small) == "cuda"
+        able.discard("cuda")
+        backends._resolve.cache_clear()
+        assert backends.resolve("auto", small) == "triton"
+        with pytest.raises(ValueError, match="backend 'cuda' cannot serve"):
+            backends.resolve("cuda", small)  # an explicit name is never replaced
+    finally:
+        backends._resolve.cache_clear()
+    assert not backends.is_small(torch.empty(3, 5))  # CPU tensors: no size rule on CPU

@@ -54,6 +54,8 @@ class Request:
     dtype: torch.dtype
     dense_similarity: bool = False
     sparse_similarity: bool = False
+    # fewer logits than SMALL_LOGITS (CUDA only): the host's fixed cost per call is the time
+    small: bool = False
 
 
 class Backend:
@@ -97,8 +99,19 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 
-# Preference order of "auto" per device type: the first backend with no reasons serves.
+# Preference order of "auto" per device type: the first backend with no reasons serves. On CUDA
+# the Triton kernels move the logits 1.5-2.3x faster than the CUDA C++ ones, but a call costs
+# ~550 us of host time against ~190 us for the C++ op (H200, torch 2.11, triton 3.6: docs/
+# bench_gpu_h200.md): below SMALL_LOGITS elements the C++ op comes first (1024 x 32000 bf16
+# forward + backward: 280 us vs 756 us, F.cross_entropy 416 us; 4096 x 32000: 777 vs 785 us).
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+_AUTO_ORDER_SMALL = {"cuda": ("cuda", "triton", "torch")}
+SMALL_LOGITS = 1 << 26
+
+
+def is_small(logits: torch.Tensor) -> bool:
+    """Whether a call on ``logits`` is ``Request.small`` (decided on CUDA tensors only)."""
+    return logits.device.type == "cuda" and logits.numel() < SMALL_LOGITS
 
 
 def register(backend: Backend) -> Backend:
@@ -141,7 +154,13 @@ def reasons_for(name: str, req: Request | None) -> list[str]:
 
 @functools.lru_cache(maxsize=256)
 def _resolve(
-    backend: str, device_type: str, dtype: torch.dtype, dense: bool, sparse: bool, env: str
+    backend: str,
+    device_type: str,
+    dtype: torch.dtype,
+    dense: bool,
+    sparse: bool,
+    small: bool,
+    env: str,
 ) -> str:
     if backend == "auto":
         backend = env or "auto"
@@ -150,14 +169,15 @@ def _resolve(
             f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}"
             + (f" (from ${ENV_VAR})" if env == backend else "")
         )
-    req = Request(device_type, dtype, dense, sparse)
+    req = Request(device_type, dtype, dense, sparse, small)
     if backend != "auto":
         why = reasons_for(backend, req)
         if why:
             raise ValueError(f"backend {backend!r} cannot serve this call: " + "; ".join(why))
         return backend
     tried = []
-    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+    order = (_AUTO_ORDER_SMALL if small else _AUTO_ORDER).get(device_type)
+    for name in order or _AUTO_ORDER.get(device_type, ("torch",)):
         why = reasons_for(name, req)
         if not why:
             return name
@@ -166,12 +186,14 @@ def _resolve(
 
 
 @torch.compiler.assume_constant_result
-def resolve_name(backend: str, device_type: str, dtype: torch.dtype, dense: bool, sparse: bool):
+def resolve_name(
+    backend: str, device_type: str, dtype: torch.dtype, dense: bool, sparse: bool, small: bool
+):
     """``resolve`` on plain values (memoised per value of $FUSED_LS_BACKEND). torch.compile runs
     it eagerly while tracing and keeps the result as a constant, so backend discovery (imports,
     loading the extension) never happens inside traced code."""
     env = os.environ.get(ENV_VAR, "") if backend == "auto" else ""
-    return _resolve(backend, device_type, dtype, dense, sparse, env)
+    return _resolve(backend, device_type, dtype, dense, sparse, small, env)
 
 
 def resolve(backend: str, req: Request) -> str:
@@ -184,5 +206,5 @@ def resolve(backend: str, req: Request) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     return resolve_name(
-        backend, req.device_type, req.dtype, req.dense_similarity, req.sparse_similarity
+        backend, req.device_type, req.dtype, req.dense_similarity, req.sparse_similarity, req.small
     )
