@@ -37,10 +37,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench import append_csv, mmap_large_allocations, peak_extra_bytes  # noqa: E402
-from bench_overhead import machine  # noqa: E402
+from bench_overhead import machine, modes  # noqa: E402
 
 import fused_ls  # noqa: E402
-from fused_ls import ConfidenceAdaptive, SparseSimilarity  # noqa: E402
 
 EPS = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,28 +83,6 @@ def contenders(y, with_compile: bool):
     out["F.linear_cross_entropy ε=0 (chunked)"] = pt_chunked(0.0)
     out["fused_ls"] = lambda x, w: fused_ls.linear_label_smoothing_cross_entropy(x, w, y, EPS)
     return out
-
-
-def modes(V, N, device):
-    g = torch.Generator().manual_seed(3)
-    idx = torch.randint(0, V, (V, 8), generator=g)
-    return {
-        "uniform": {},
-        "class weights": {"weight": (torch.rand(V, generator=g) + 0.5).to(device)},
-        "sparse similarity (k=8)": {
-            "similarity": SparseSimilarity(idx, torch.rand(V, 8, generator=g) + 0.1).to(device),
-            "similarity_mix": 0.5,
-        },
-        "per-sample ε": {"smoothing": (torch.rand(N, generator=g) * 0.2).to(device)},
-        "adaptive ε": {"adaptive": ConfidenceAdaptive(0.5, 2.0)},
-        "z-loss": {"z_loss": 1e-4},
-        "softcap": {"softcap": 30.0},
-        "confidence penalty": {"confidence_penalty": 0.1},
-        "mixup": {
-            "mix_target": torch.randint(0, V, (N,), generator=g).to(device),
-            "mix_lambda": 0.7,
-        },
-    }
 
 
 def fwd_bwd(fn, x, w):
@@ -171,7 +148,7 @@ def run_config(spec, device, reps, with_compile, with_modes, rows, stamp, where)
     print("| mode | time (ms) | × uniform |")
     print("|---|---|---|")
     fn_modes = {}
-    for name, kw in modes(V, N, device).items():
+    for name, kw in modes(V, N, device, dense=False).items():
         kw = dict(kw)
         eps = kw.pop("smoothing", EPS)
 

@@ -49,27 +49,36 @@ def machine(device: torch.device) -> str:
     return device_name(device) + threads
 
 
-def modes(C: int, N: int, device) -> dict[str, dict]:
+def modes(C: int, N: int, device, dense: bool = True) -> dict[str, dict]:
+    """Keywords of every smoothing mode for C classes and N rows (also used by bench_linear.py);
+    dense similarity ([C, C]) only when ``dense``, else the sparse neighbours are drawn directly."""
     g = torch.Generator().manual_seed(0)
-    S = torch.rand(C, C, generator=g)
-    return {
+    out = {
         "uniform": {},
         "class weights": {"weight": (torch.rand(C, generator=g) + 0.5).to(device)},
-        "dense similarity": {"similarity": S.to(device), "similarity_mix": 0.5},
-        "sparse similarity (k=8)": {
-            "similarity": SparseSimilarity.from_dense(S, 8).to(device),
-            "similarity_mix": 0.5,
-        },
-        "per-sample ε": {"smoothing": (torch.rand(N, generator=g) * 0.2).to(device)},
-        "adaptive ε": {"adaptive": ConfidenceAdaptive(0.5, 2.0)},
-        "z-loss": {"z_loss": 1e-4},
-        "softcap": {"softcap": 30.0},
-        "confidence penalty": {"confidence_penalty": 0.1},
-        "mixup": {
-            "mix_target": torch.randint(0, C, (N,), generator=g).to(device),
-            "mix_lambda": 0.7,
-        },
     }
+    if dense:
+        S = torch.rand(C, C, generator=g)
+        out["dense similarity"] = {"similarity": S.to(device), "similarity_mix": 0.5}
+        sparse = SparseSimilarity.from_dense(S, 8)
+    else:
+        idx = torch.randint(0, C, (C, 8), generator=g)
+        sparse = SparseSimilarity(idx, torch.rand(C, 8, generator=g) + 0.1)
+    out["sparse similarity (k=8)"] = {"similarity": sparse.to(device), "similarity_mix": 0.5}
+    out.update(
+        {
+            "per-sample ε": {"smoothing": (torch.rand(N, generator=g) * 0.2).to(device)},
+            "adaptive ε": {"adaptive": ConfidenceAdaptive(0.5, 2.0)},
+            "z-loss": {"z_loss": 1e-4},
+            "softcap": {"softcap": 30.0},
+            "confidence penalty": {"confidence_penalty": 0.1},
+            "mixup": {
+                "mix_target": torch.randint(0, C, (N,), generator=g).to(device),
+                "mix_lambda": 0.7,
+            },
+        }
+    )
+    return out
 
 
 def backends_for(device: torch.device) -> list[str]:
