@@ -229,7 +229,7 @@ def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
         x.dtype,
         opts.similarity is not None,
         opts.sparse is not None,
-        backends.is_small(x),
+        backends.is_small(x.device, x.numel()),
     )
     chosen = backends.resolve(opts.backend, req)
     acc = backends.acc_dtype(x.dtype)

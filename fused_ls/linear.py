@@ -495,10 +495,12 @@ def linear_loss_with_options(
     chunk = chunk_size or chunk_rows(N, H, V, cd, dev)
     if N == 0:
         chunk = 1
-    # the backend is chosen for one chunk's block of logits
-    small = dev.type == "cuda" and min(chunk, N) * V < backends.SMALL_LOGITS
     req = backends.Request(
-        dev.type, cd, opts.similarity is not None, opts.sparse is not None, small
+        dev.type,
+        cd,
+        opts.similarity is not None,
+        opts.sparse is not None,
+        backends.is_small(dev, min(chunk, N) * V),  # the backend serves one chunk's logits
     )
     chosen = backends.resolve(opts.backend, req)
     shard = None

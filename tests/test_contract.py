@@ -361,4 +361,6 @@ def test_auto_on_cuda_orders_by_size(monkeypatch):
             backends.resolve("cuda", small)  # an explicit name is never replaced
     finally:
         backends._resolve.cache_clear()
-    assert not backends.is_small(torch.empty(3, 5))  # CPU tensors: no size rule on CPU
+    assert backends.is_small(torch.device("cuda"), backends.SMALL_LOGITS - 1)
+    assert not backends.is_small(torch.device("cuda"), backends.SMALL_LOGITS)
+    assert not backends.is_small(torch.device("cpu"), 15)  # no size rule on CPU

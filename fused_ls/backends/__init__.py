@@ -109,9 +109,9 @@ _AUTO_ORDER_SMALL = {"cuda": ("cuda", "triton", "torch")}
 SMALL_LOGITS = 1 << 26
 
 
-def is_small(logits: torch.Tensor) -> bool:
-    """Whether a call on ``logits`` is ``Request.small`` (decided on CUDA tensors only)."""
-    return logits.device.type == "cuda" and logits.numel() < SMALL_LOGITS
+def is_small(device: torch.device, n_logits: int) -> bool:
+    """``Request.small`` for a call on ``n_logits`` logits on ``device`` (CUDA only)."""
+    return device.type == "cuda" and n_logits < SMALL_LOGITS
 
 
 def register(backend: Backend) -> Backend:
