@@ -129,17 +129,13 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor, tmp: Tensor | None, first: bo
 
 
 def _scaled(g: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """g · scale in ``dtype``: in place when g has it, else (an fp32 accumulator) into a new
-    tensor, on CPU in one pass (cpp_backend.scaled_copy_), elsewhere scaled in place first (g is
-    consumed: no fp32 temporary of its size). The 0-dim fp32 factor is applied in fp32 and the
-    product rounded once."""
+    """g · scale in ``dtype``: in place when g has it, else (g an fp32 accumulator, consumed)
+    into a new tensor by cpp_backend.scaled_copy_. The 0-dim fp32 factor is applied in fp32 and
+    the product rounded once."""
     if g.dtype == dtype:
         return g.mul_(scale)
     out = torch.empty_like(g, dtype=dtype)
-    if g.device.type == "cpu":
-        scaled_copy_(out, g, scale.to(torch.float32))
-    else:
-        out.copy_(g.mul_(scale.to(torch.float32)))
+    scaled_copy_(out, g, scale.to(torch.float32))
     return out
 
 

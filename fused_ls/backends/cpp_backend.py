@@ -78,12 +78,13 @@ def accumulate_(acc, src, add: bool = True) -> None:
 
 def scaled_copy_(out, src, scale) -> None:
     """out = src · scale for a contiguous fp32 ``src``, a one-element fp32 ``scale`` and an
-    fp32/bf16/fp16 ``out`` of src's size, rounded once; on CPU one vectorised pass (the compiled
-    kernel) when the extension is available, else ``out.copy_(src * scale)``."""
+    fp32/bf16/fp16 ``out`` of src's size, rounded once. ``src`` is consumed: on CPU one
+    vectorised pass (the compiled kernel) when the extension is available; elsewhere ``src`` is
+    scaled in place and then converted (no temporary of its size)."""
     if src.device.type == "cpu" and load_extension() is None:
         torch.ops.fused_ls.ext_scaled_copy_(out, src, scale.reshape(1))
     else:
-        out.copy_(src * scale)
+        out.copy_(src.mul_(scale))
 
 
 def _require() -> None:
