@@ -123,6 +123,29 @@ def timed(fn, device: torch.device, reps: int, setup=None) -> float:
     return statistics.median(times)
 
 
+def interleaved(
+    fns: dict, rounds: int, device: torch.device, warmup: int = 3, collect: bool = False
+) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` rounds in which the functions take turns,
+    after ``warmup`` untimed calls of each (torch.compile's compilation among them); ``collect``:
+    a garbage-collection pass before each timed call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            if collect:
+                gc.collect()
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # the contenders
 # ---------------------------------------------------------------------------------------------

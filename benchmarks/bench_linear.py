@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench import append_csv, mmap_large_allocations, peak_extra_bytes  # noqa: E402
+from bench import (  # noqa: E402
+    append_csv,
+    interleaved,
+    mmap_large_allocations,
+    peak_extra_bytes,
+)
 from bench_overhead import machine, modes  # noqa: E402
 
 import fused_ls  # noqa: E402
@@ -105,22 +107,6 @@ def three_matmuls(x, w):
     return run
 
 
-def measure(fns: dict, device, reps: int) -> dict[str, float]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for f in fns.values():  # warm-up (and torch.compile's compilation)
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            gc.collect()
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run_config(spec, device, reps, with_compile, with_modes, rows, stamp, where):
     N, H, V, dt = parse(spec)
     g = torch.Generator().manual_seed(0)
@@ -131,7 +117,7 @@ def run_config(spec, device, reps, with_compile, with_modes, rows, stamp, where)
     grad_bytes = (N * H + V * H) * x.element_size()
     fns = {"3 matmuls": three_matmuls(x, w)}
     fns.update({k: fwd_bwd(f, x, w) for k, f in contenders(y, with_compile).items()})
-    t = measure(fns, device, reps)
+    t = interleaved(fns, reps, device, warmup=1, collect=True)
     mem = {k: max(0, peak_extra_bytes(f, device) - grad_bytes) for k, f in fns.items()}
     floor, comp = t["3 matmuls"], t.get("torch.compile")
     print(f"\n### N = {N}, H = {H}, V = {V}, {str(dt).replace('torch.', '')}\n")
@@ -156,7 +142,7 @@ def run_config(spec, device, reps, with_compile, with_modes, rows, stamp, where)
             return fused_ls.linear_label_smoothing_cross_entropy(xs, ws, y, eps, **kw)
 
         fn_modes[name] = fwd_bwd(f, x, w)
-    tm = measure(fn_modes, device, reps)
+    tm = interleaved(fn_modes, reps, device, warmup=1, collect=True)
     for name, v in tm.items():
         print(f"| {name} | {v * 1e3:.0f} | {v / tm['uniform']:.2f} |")
         rows.append([stamp, where, torch.__version__, spec, f"fused_ls {name}", v, ""])

@@ -24,16 +24,14 @@ import argparse
 import contextlib
 import datetime
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench import append_csv, device_name  # noqa: E402
+from bench import append_csv, device_name, interleaved  # noqa: E402
 
 import fused_ls  # noqa: E402
 from fused_ls import ConfidenceAdaptive, SparseSimilarity  # noqa: E402
@@ -103,23 +101,6 @@ def step_fn(x, y, backend: str | None, kw: dict):
             fused_ls.label_smoothing_cross_entropy(x, y, eps, backend=backend, **kw).backward()
 
     return step
-
-
-def interleaved(fns: dict, rounds: int, device) -> dict[str, float]:
-    """Median seconds of each function, measured in interleaved rounds after a warm-up."""
-    for f in fns.values():
-        for _ in range(3):
-            f()
-    times = {k: [] for k in fns}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(rounds):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @contextlib.contextmanager
