@@ -376,6 +376,53 @@ def _grad_row(
 
 
 @triton.jit
+def _targets(Y_A, Y_B, row, ignore_index, num_classes):
+    """The row's targets (0 where it is ignored) and whether it counts; the range checks are
+    device-side asserts."""
+    y_a = tl.load(Y_A + row)
+    valid = y_a != ignore_index
+    tl.device_assert(
+        ~valid | ((y_a >= 0) & (y_a < num_classes)), "fused_ls: target out of [0, num_classes)"
+    )
+    y_a = tl.where(valid, y_a, 0)
+    y_b = tl.where(valid, tl.load(Y_B + row), 0)
+    tl.device_assert(
+        (y_b >= 0) & (y_b < num_classes), "fused_ls: mix_target out of [0, num_classes)"
+    )
+    return y_a, y_b, valid
+
+
+@triton.jit
+def _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, loss_rows_on):
+    """A finished row: its pack row (fused_ls/_problem.py's layout) and, if asked, loss_i."""
+    out = PACK + row * 8
+    tl.store(out + 0, lse)
+    tl.store(out + 1, eps_i)
+    tl.store(out + 2, pz)
+    tl.store(out + 3, conf)
+    tl.store(out + 4, arg_bits)
+    tl.store(out + 5, loss)
+    tl.store(out + 6, Wt)
+    tl.store(out + 7, 0.0)
+    if loss_rows_on != 0:
+        tl.store(LOSS + row, loss)
+
+
+@triton.jit
+def _store_stats(STATS, row, m, d, s, Da, Db, za, zb, arg_bits):
+    """A row's statistics row (fused_ls/_problem.py's layout), for vocabulary sharding."""
+    out = STATS + row * 8
+    tl.store(out + 0, m)
+    tl.store(out + 1, d)
+    tl.store(out + 2, s)
+    tl.store(out + 3, Da)
+    tl.store(out + 4, Db)
+    tl.store(out + 5, za)
+    tl.store(out + 6, zb)
+    tl.store(out + 7, arg_bits)
+
+
+@triton.jit
 def _rows_kernel(
     X, stride_x,  # *x dtype [N, C] logits (unit stride on C) and its row stride
     OUT, stride_o,  # *x dtype [N, C] gradient (GRAD only; may be X itself)
@@ -403,16 +450,7 @@ def _rows_kernel(
     lo = split * cols_per_split
     hi = tl.minimum(lo + cols_per_split, C)
     x_row = X + row * stride_x
-    y_a = tl.load(Y_A + row)
-    valid = y_a != ignore_index
-    tl.device_assert(
-        ~valid | ((y_a >= 0) & (y_a < num_classes)), "fused_ls: target out of [0, num_classes)"
-    )
-    y_a = tl.where(valid, y_a, 0)
-    y_b = tl.where(valid, tl.load(Y_B + row), 0)
-    tl.device_assert(
-        (y_b >= 0) & (y_b < num_classes), "fused_ls: mix_target out of [0, num_classes)"
-    )
+    y_a, y_b, valid = _targets(Y_A, Y_B, row, ignore_index, num_classes)
     if R_MODE == 2:
         ra_row = R + y_a * stride_r + col_offset
         r_scale_a = 1.0
@@ -483,15 +521,10 @@ def _rows_kernel(
         )  # fmt: skip
         arg = arg + col_offset
         if STATS_OUT:
-            out = STATS + row * 8
-            tl.store(out + 0, m)
-            tl.store(out + 1, d_row)
-            tl.store(out + 2, s_row)
-            tl.store(out + 3, Da)
-            tl.store(out + 4, Db)
-            tl.store(out + 5, za)
-            tl.store(out + 6, zb)
-            tl.store(out + 7, arg.to(tl.int32).to(tl.float32, bitcast=True))
+            _store_stats(
+                STATS, row, m, d_row, s_row, Da, Db, za, zb,
+                arg.to(tl.int32).to(tl.float32, bitcast=True),
+            )  # fmt: skip
         if FINALIZE:
             loss, Wt, lse, eps_i, conf, pz = _finalize(
                 m, d_row, s_row, Da, Db, za, zb, row, valid, y_a, y_b, has_mix,
@@ -499,17 +532,10 @@ def _rows_kernel(
                 EPS_ROWS, eps, eps_rows_on, LAM_ROWS, lam, lam_rows_on,
                 adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, cp, NEED_PZ, KP,
             )  # fmt: skip
-            out = PACK + row * 8
-            tl.store(out + 0, lse)
-            tl.store(out + 1, eps_i)
-            tl.store(out + 2, pz)
-            tl.store(out + 3, conf)
-            tl.store(out + 4, arg.to(tl.int32).to(tl.float32, bitcast=True))
-            tl.store(out + 5, loss)
-            tl.store(out + 6, Wt)
-            tl.store(out + 7, 0.0)
-            if loss_rows_on != 0:
-                tl.store(LOSS + row, loss)
+            _store_pack(
+                PACK, LOSS, row, lse, eps_i, pz, conf,
+                arg.to(tl.int32).to(tl.float32, bitcast=True), loss, Wt, loss_rows_on,
+            )  # fmt: skip
             if GRAD:
                 if go_per_row != 0:
                     go = tl.load(GO + row)
@@ -571,16 +597,7 @@ def _merge_kernel(
     Da = tl.sum(a_k, 0)
     Db = tl.sum(b_k, 0)
     arg_bits = tl.load(PART + (row * S + first) * 8 + 7)
-    y_a = tl.load(Y_A + row)
-    valid = y_a != ignore_index
-    tl.device_assert(
-        ~valid | ((y_a >= 0) & (y_a < num_classes)), "fused_ls: target out of [0, num_classes)"
-    )
-    y_a = tl.where(valid, y_a, 0)
-    y_b = tl.where(valid, tl.load(Y_B + row), 0)
-    tl.device_assert(
-        (y_b >= 0) & (y_b < num_classes), "fused_ls: mix_target out of [0, num_classes)"
-    )
+    y_a, y_b, valid = _targets(Y_A, Y_B, row, ignore_index, num_classes)
     if GATHER:
         if not DENSE:
             Db = Da  # one dense row for both targets
@@ -598,27 +615,9 @@ def _merge_kernel(
             EPS_ROWS, eps, eps_rows_on, LAM_ROWS, lam, lam_rows_on,
             adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, cp, NEED_PZ, KP,
         )  # fmt: skip
-        out = PACK + row * 8
-        tl.store(out + 0, lse)
-        tl.store(out + 1, eps_i)
-        tl.store(out + 2, pz)
-        tl.store(out + 3, conf)
-        tl.store(out + 4, arg_bits)
-        tl.store(out + 5, loss)
-        tl.store(out + 6, Wt)
-        tl.store(out + 7, 0.0)
-        if loss_rows_on != 0:
-            tl.store(LOSS + row, loss)
+        _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, loss_rows_on)
     else:
-        out = STATS + row * 8
-        tl.store(out + 0, m)
-        tl.store(out + 1, d)
-        tl.store(out + 2, s)
-        tl.store(out + 3, Da)
-        tl.store(out + 4, Db)
-        tl.store(out + 5, za)
-        tl.store(out + 6, zb)
-        tl.store(out + 7, arg_bits)
+        _store_stats(STATS, row, m, d, s, Da, Db, za, zb, arg_bits)
 
 
 @triton.jit

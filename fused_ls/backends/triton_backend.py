@@ -163,6 +163,15 @@ class TritonBackend(Backend):
             **a.flags(), **a.common,
         )  # fmt: skip
 
+    def _partials(self, x, a: _Args):
+        """The per-split statistics [N, splits, 8] of rows split over programs (merged next)."""
+        part = torch.zeros(x.shape[0], a.splits, WIDTH, dtype=torch.float32, device=x.device)
+        self._rows(
+            x, a, pack=None, loss=None, stats=None, part=part, out=None, go=None,
+            finalize=False, grad=False, stats_out=False,
+        )  # fmt: skip
+        return part
+
     def _merge(self, x, a: _Args, part, splits, *, pack, loss, stats, gather, finalize):
         k, _ = _load()
         p = a.p
@@ -214,14 +223,9 @@ class TritonBackend(Backend):
                     finalize=True, grad=out is not None, stats_out=False,
                 )  # fmt: skip
             else:
-                part = torch.zeros(n, a.splits, WIDTH, dtype=torch.float32, device=x.device)
-                self._rows(
-                    x, a, pack=None, loss=None, stats=None, part=part, out=None, go=None,
-                    finalize=False, grad=False, stats_out=False,
-                )  # fmt: skip
                 self._merge(
-                    x, a, part, a.splits, pack=pack, loss=loss, stats=None, gather=True,
-                    finalize=True,
+                    x, a, self._partials(x, a), a.splits, pack=pack, loss=loss, stats=None,
+                    gather=True, finalize=True,
                 )  # fmt: skip
                 if out is not None:
                     self._grad(x, out, go, pack, p, a, mean=False)
@@ -253,14 +257,9 @@ class TritonBackend(Backend):
                     finalize=False, grad=False, stats_out=True,
                 )  # fmt: skip
             else:
-                part = torch.zeros(n, a.splits, WIDTH, dtype=torch.float32, device=x.device)
-                self._rows(
-                    x, a, pack=None, loss=None, stats=None, part=part, out=None, go=None,
-                    finalize=False, grad=False, stats_out=False,
-                )  # fmt: skip
                 self._merge(
-                    x, a, part, a.splits, pack=None, loss=None, stats=stats, gather=True,
-                    finalize=False,
+                    x, a, self._partials(x, a), a.splits, pack=None, loss=None, stats=stats,
+                    gather=True, finalize=False,
                 )  # fmt: skip
         return stats
 
