@@ -29,6 +29,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "args.h"
 
@@ -307,6 +309,71 @@ template <typename T>
 struct Final {
   T loss, W, lse, eps, conf, pz;
 };
+
+// ---- the stats and pack rows (args.h's layouts) -------------------------------------------------
+
+// An integer in a float slot: the bits of an int32 in a float, of an int64 in a double.
+template <typename T>
+FLS_HD T to_bits(int64_t v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, double>) {
+    return __longlong_as_double(static_cast<long long>(v));
+  } else {
+    return __int_as_float(static_cast<int>(v));
+  }
+#else
+  using B = std::conditional_t<std::is_same_v<T, double>, int64_t, int32_t>;
+  const B b = static_cast<B>(v);
+  T out;
+  std::memcpy(&out, &b, sizeof(b));
+  return out;
+#endif
+}
+
+template <typename T>
+FLS_HD int64_t from_bits(T v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, double>) {
+    return static_cast<int64_t>(__double_as_longlong(v));
+  } else {
+    return static_cast<int64_t>(__float_as_int(v));
+  }
+#else
+  using B = std::conditional_t<std::is_same_v<T, double>, int64_t, int32_t>;
+  B b;
+  std::memcpy(&b, &v, sizeof(b));
+  return static_cast<int64_t>(b);
+#endif
+}
+
+template <typename T>
+FLS_HD Stats<T> load_stats(const T* sr) {
+  return {sr[S_M], sr[S_D], sr[S_S], sr[S_DA], sr[S_DB], sr[S_ZA], sr[S_ZB], from_bits(sr[S_ARG])};
+}
+
+template <typename T>
+FLS_HD void store_stats(T* sr, const Stats<T>& st) {
+  sr[S_M] = st.m;
+  sr[S_D] = st.d;
+  sr[S_S] = st.s;
+  sr[S_DA] = st.Da;
+  sr[S_DB] = st.Db;
+  sr[S_ZA] = st.za;
+  sr[S_ZB] = st.zb;
+  sr[S_ARG] = to_bits<T>(st.arg);
+}
+
+template <typename T>
+FLS_HD void store_pack(T* pr, const Final<T>& f, int64_t arg) {
+  pr[P_LSE] = f.lse;
+  pr[P_EPS] = f.eps;
+  pr[P_PZ] = f.pz;
+  pr[P_CONF] = f.conf;
+  pr[P_ARG] = to_bits<T>(arg);
+  pr[P_LOSS] = f.loss;
+  pr[P_W] = f.W;
+  pr[7] = T(0);
+}
 
 template <typename T>
 FLS_HD Final<T> finalize_row(const RowArgs& a, int64_t i, const Stats<T>& st) {

@@ -432,16 +432,6 @@ void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
   std::vector<acc_t> fmass(max_fix), fx(max_fix);
   acc_t* stats = static_cast<acc_t*>(a.stats);
   acc_t* pack = static_cast<acc_t*>(a.pack);
-  using bits_t = std::conditional_t<std::is_same_v<acc_t, double>, int64_t, int32_t>;
-  auto put_bits = [](acc_t* dst, int64_t v) {
-    const bits_t b = static_cast<bits_t>(v);
-    std::memcpy(dst, &b, sizeof(b));
-  };
-  auto get_bits = [](const acc_t* src) {
-    bits_t b;
-    std::memcpy(&b, src, sizeof(b));
-    return static_cast<int64_t>(b);
-  };
 
   for (int64_t i = begin; i < end; ++i) {
     const bool ignored = a.y_a[i] == a.ignore_index;
@@ -456,18 +446,10 @@ void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
         if (phases & PH_STATS) {
           st = row_stats<scalar_t, acc_t>(a, i, buf, cv);
         } else {
-          const acc_t* sr = stats + i * kWidth;
-          st = {sr[S_M], sr[S_D], sr[S_S], sr[S_DA], sr[S_DB], sr[S_ZA], sr[S_ZB], get_bits(sr + S_ARG)};
+          st = rm::load_stats(stats + i * kWidth);
         }
         const rm::Final<acc_t> f = rm::finalize_row<acc_t>(a, i, st);
-        pr[P_LSE] = f.lse;
-        pr[P_EPS] = f.eps;
-        pr[P_PZ] = f.pz;
-        pr[P_CONF] = f.conf;
-        put_bits(pr + P_ARG, st.arg);
-        pr[P_LOSS] = f.loss;
-        pr[P_W] = f.W;
-        pr[7] = acc_t(0);
+        rm::store_pack(pr, f, st.arg);
         lse = f.lse;
         eps = f.eps;
         pz = f.pz;
@@ -478,15 +460,7 @@ void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
         for (int c = 0; c < kWidth; ++c) sr[c] = acc_t(0);
         continue;
       }
-      const rm::Stats<acc_t> st = row_stats<scalar_t, acc_t>(a, i, buf, cv);
-      sr[S_M] = st.m;
-      sr[S_D] = st.d;
-      sr[S_S] = st.s;
-      sr[S_DA] = st.Da;
-      sr[S_DB] = st.Db;
-      sr[S_ZA] = st.za;
-      sr[S_ZB] = st.zb;
-      put_bits(sr + S_ARG, st.arg);
+      rm::store_stats(sr, row_stats<scalar_t, acc_t>(a, i, buf, cv));
     } else {  // gradient from a finished pack
       const acc_t* pr = pack + i * kWidth;
       lse = pr[P_LSE];

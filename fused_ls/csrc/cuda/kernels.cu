@@ -67,24 +67,6 @@ __device__ __forceinline__ T* ptr(void* p) {
   return static_cast<T*>(p);
 }
 
-// Integer bits in a float slot (args.h: int32 in a float, int64 in a double).
-template <typename T>
-__device__ __forceinline__ T to_bits(int64_t v) {
-  if constexpr (std::is_same_v<T, double>) {
-    return __longlong_as_double(static_cast<long long>(v));
-  } else {
-    return __int_as_float(static_cast<int>(v));
-  }
-}
-template <typename T>
-__device__ __forceinline__ int64_t from_bits(T v) {
-  if constexpr (std::is_same_v<T, double>) {
-    return static_cast<int64_t>(__double_as_longlong(v));
-  } else {
-    return static_cast<int64_t>(__float_as_int(v));
-  }
-}
-
 // The data-dependent checks of one row (the CPU raises IndexError / ValueError for the same).
 template <typename T>
 __device__ __forceinline__ void validate_row(const RowArgs& a, int64_t i) {
@@ -174,29 +156,13 @@ template <typename acc_t>
 __device__ void finish_row(const KParams& p, int64_t row, rm::Stats<acc_t>& st, acc_t* vals) {
   if (p.phases & PH_FINALIZE) {
     const rm::Final<acc_t> f = rm::finalize_row<acc_t>(p, row, st);
-    acc_t* pr = ptr<acc_t>(p.pack) + row * kWidth;
-    pr[P_LSE] = f.lse;
-    pr[P_EPS] = f.eps;
-    pr[P_PZ] = f.pz;
-    pr[P_CONF] = f.conf;
-    pr[P_ARG] = to_bits<acc_t>(st.arg);
-    pr[P_LOSS] = f.loss;
-    pr[P_W] = f.W;
-    pr[7] = acc_t(0);
+    rm::store_pack(ptr<acc_t>(p.pack) + row * kWidth, f, st.arg);
     if (p.reduction == RED_NONE) ptr<acc_t>(p.loss)[row] = f.loss;
     vals[0] = f.lse;
     vals[1] = f.eps;
     vals[2] = f.pz;
   } else {
-    acc_t* sr = ptr<acc_t>(p.stats) + row * kWidth;
-    sr[S_M] = st.m;
-    sr[S_D] = st.d;
-    sr[S_S] = st.s;
-    sr[S_DA] = st.Da;
-    sr[S_DB] = st.Db;
-    sr[S_ZA] = st.za;
-    sr[S_ZB] = st.zb;
-    sr[S_ARG] = to_bits<acc_t>(st.arg);
+    rm::store_stats(ptr<acc_t>(p.stats) + row * kWidth, st);
   }
 }
 
@@ -367,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(KParams p) {
       out[4] = dense_b;
       out[5] = part.best;
       out[6] = acc_t(0);
-      out[7] = to_bits<acc_t>(p.col_offset + part.arg);
+      out[7] = rm::to_bits<acc_t>(p.col_offset + part.arg);
     }
     return;
   }
@@ -396,15 +362,14 @@ __global__ void merge_kernel(KParams p) {
   validate_row<acc_t>(p, row);
   rm::Stats<acc_t> st;
   if (p.part == nullptr) {
-    const acc_t* sr = ptr<acc_t>(p.stats) + row * kWidth;
-    st = {sr[S_M], sr[S_D], sr[S_S], sr[S_DA], sr[S_DB], sr[S_ZA], sr[S_ZB], from_bits(sr[S_ARG])};
+    st = rm::load_stats(ptr<acc_t>(p.stats) + row * kWidth);
   } else {
     Partial<acc_t> r = empty_partial<acc_t>();
     acc_t dense_a = 0, dense_b = 0;
     for (int s = 0; s < p.S; ++s) {
       const acc_t* q = ptr<acc_t>(p.part) + (row * p.S + s) * kWidth;
       Partial<acc_t> o{{q[0], q[1], q[2]}, acc_t(0), acc_t(0), q[5],
-                       static_cast<long long>(from_bits(q[7]))};
+                       static_cast<long long>(rm::from_bits(q[7]))};
       r = combine(r, o);
       dense_a += q[3];
       dense_b += q[4];
