@@ -139,6 +139,30 @@ def _scaled(g: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def in_compute_dtype(x: Tensor, weight: Tensor, bias: Tensor | None):
+    """(x, weight, bias) in the chunk GEMMs' dtype (``compute_dtype``): themselves when they
+    have it, else converted copies."""
+    cd = compute_dtype(x.dtype, x.device.type)
+    return tuple(t if t is None or t.dtype == cd else t.to(cd) for t in (x, weight, bias))
+
+
+def logit_blocks(x: Tensor, weight: Tensor, bias: Tensor | None, chunk: int):
+    """For each chunk of rows [s, e): (s, e, block) with block = x[s:e]·Wᵀ + b, written into one
+    reused [chunk, V] buffer (overwritten by the next chunk); x, weight and bias in the compute
+    dtype (``in_compute_dtype``)."""
+    N = x.shape[0]
+    buf = x.new_empty(min(chunk, N), weight.shape[0])
+    wt = weight.t()
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        blk = buf[: e - s]
+        if bias is None:
+            torch.mm(x[s:e], wt, out=blk)
+        else:
+            torch.addmm(bias, x[s:e], wt, out=blk)
+        yield s, e, blk
+
+
 def _chunk_problem(p: Problem, s: int, e: int, reduction: int) -> Problem:
     """The Problem of rows [s, e) with another reduction."""
     return p._replace(
@@ -170,15 +194,12 @@ def linear_rows(
     N, H = x.shape
     V = weight.shape[0]
     dev = x.device
-    cd = compute_dtype(x.dtype, dev.type)
+    xc_all, w, bias_c = in_compute_dtype(x, weight, bias)
+    cd = w.dtype
     acc = acc_dtype(cd)
     b = backends.get(backend)
     grads = grad_input or grad_weight or grad_bias
     recompute = grad_rows is not None
-    xc_all = x if x.dtype == cd else x.to(cd)
-    w = weight if weight.dtype == cd else weight.to(cd)
-    wt = w.t()
-    bias_c = None if bias is None else (bias if bias.dtype == cd else bias.to(cd))
     pack = fwd_pack if recompute else x.new_empty(N + 1, WIDTH, dtype=acc)
     none = p.reduction == R_NONE
     loss = x.new_zeros(N if none and not recompute else 0, dtype=acc)
@@ -194,16 +215,9 @@ def linear_rows(
         tmp = x.new_empty(V, H, dtype=cd)
     db = x.new_zeros(V if grad_bias else 0, dtype=dW.dtype)
     one = x.new_ones((), dtype=acc)
-    buf = x.new_empty(min(chunk, N), V, dtype=cd)
     chunk_red = R_NONE if (none or recompute) else R_SUM
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
+    for s, e, blk in logit_blocks(xc_all, w, bias_c, chunk):
         xc = xc_all[s:e]
-        blk = buf[: e - s]
-        if bias_c is None:
-            torch.mm(xc, wt, out=blk)
-        else:
-            torch.addmm(bias_c, xc, wt, out=blk)
         pc = _chunk_problem(p, s, e, chunk_red)
         if recompute:  # the gradient from the forward's pack, with each row's upstream grad
             b.backward(grad_rows[s:e], blk, blk, pack[s : e + 1], pc)

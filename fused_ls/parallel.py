@@ -274,22 +274,12 @@ class ShardedLossFunction(torch.autograd.Function):
 # ---- the fused LM head over a sharded vocabulary ------------------------------------------------
 def _chunk_stats(x, weight, bias, p: Problem, chunk: int, backend: str) -> Tensor:
     """Pass 1: the row statistics of x·Wᵀ + b over this rank's columns, chunk by chunk."""
-    from .linear import _chunk_problem, compute_dtype
+    from .linear import _chunk_problem, in_compute_dtype, logit_blocks
 
-    N = x.shape[0]
-    cd = compute_dtype(x.dtype, x.device.type)
-    xc, w = (t if t.dtype == cd else t.to(cd) for t in (x, weight))
-    bias_c = None if bias is None else bias.to(cd)
+    xc, w, bias_c = in_compute_dtype(x, weight, bias)
     b = backends.get(backend)
-    stats = x.new_empty(N, WIDTH, dtype=backends.acc_dtype(cd))
-    buf = x.new_empty(min(chunk, N), w.shape[0], dtype=cd)
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        blk = buf[: e - s]
-        if bias_c is None:
-            torch.mm(xc[s:e], w.t(), out=blk)
-        else:
-            torch.addmm(bias_c, xc[s:e], w.t(), out=blk)
+    stats = x.new_empty(x.shape[0], WIDTH, dtype=backends.acc_dtype(w.dtype))
+    for s, e, blk in logit_blocks(xc, w, bias_c, chunk):
         stats[s:e] = b.row_stats(blk, _chunk_problem(p, s, e, p.reduction))
     return stats
 
