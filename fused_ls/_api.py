@@ -208,6 +208,16 @@ def stats_from_pack(pack: Tensor, shape) -> Stats:
     )
 
 
+def outputs(loss: Tensor, pack: Tensor, opts: LossOptions, shape):
+    """What an entry point returns: the loss ("none": of the target's ``shape``), and with
+    ``return_stats`` the ``Stats`` from the row pack."""
+    if opts.reduction == "none" and loss.shape != shape:
+        loss = loss.reshape(shape)
+    if not opts.return_stats:
+        return loss
+    return loss, stats_from_pack(pack.detach(), shape)
+
+
 def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
     """The loss of ``label_smoothing_cross_entropy`` for already-parsed options."""
     if type(logits) is not Tensor and parallel.is_dtensor(logits):
@@ -242,11 +252,7 @@ def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
     else:
         p = make_problem(opts, target, target.shape, acc, x, shard.num_classes, shard.start)
         loss, pack = parallel.ShardedLossFunction.apply(x, chosen, opts.inplace_backward, shard, *p)
-    if opts.reduction == "none" and loss.shape != target.shape:
-        loss = loss.reshape(target.shape)
-    if not opts.return_stats:
-        return loss
-    return loss, stats_from_pack(pack.detach(), target.shape)
+    return outputs(loss, pack, opts, target.shape)
 
 
 # Keywords the module forms take at construction (besides smoothing, weight, ignore_index,

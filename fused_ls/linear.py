@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from . import backends, parallel
-from ._api import OptionsModule, make_problem, stats_from_pack
+from ._api import OptionsModule, make_problem, outputs
 from ._options import LossOptions, Stats, parse_options
 from ._problem import PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
 from .backends import acc_dtype
@@ -531,11 +531,7 @@ def linear_loss_with_options(
         loss, pack, *_ = _runner(shard)(
             x, linear_weight, linear_bias, None, None, p, chunk, False, False, False, chosen
         )
-    if opts.reduction == "none":
-        loss = loss.reshape(target.shape)
-    if not opts.return_stats:
-        return loss
-    return loss, stats_from_pack(pack.detach(), target.shape)
+    return outputs(loss, pack, opts, target.shape)
 
 
 class FusedLinearLabelSmoothingCE(OptionsModule):
