@@ -15,7 +15,10 @@ from __future__ import annotations
 import copy
 import datetime
 import itertools
+import os
 import socket
+import sys
+import tempfile
 import time
 
 import pytest
@@ -49,7 +52,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, checks: tuple[str, ...]) -> None:
+def _worker(rank: int, world: int, port: int, checks: tuple[str, ...], log: str) -> None:
+    def reached(stage: str) -> None:  # where this rank got to, for the parent's failure message
+        with open(f"{log}.{rank}", "a") as f:
+            f.write(stage + "\n")
+
     torch.set_num_threads(1)  # the processes share the machine's cores
     dist.init_process_group(
         "gloo",
@@ -58,33 +65,65 @@ def _worker(rank: int, world: int, port: int, checks: tuple[str, ...]) -> None:
         world_size=world,
         timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
+    reached("init_process_group")
     try:
         for name in checks:
             CHECKS[name](rank, world)
+            reached(name)
+        # No rank tears its connections down while a peer may still be sending to it.
+        dist.barrier()
+        reached("barrier")
     finally:
         dist.destroy_process_group()
+    reached("destroy_process_group")
+    # Every check passed. Leave without the interpreter's teardown: a gloo group that is still
+    # alive then (torch.compile's graphs hold it as an example value) has a worker thread that
+    # can release its last work's tensors during finalisation and abort the process ("terminate
+    # called without an active exception", a PyTorch teardown race, not a result of the checks).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch(world: int, *checks: str, timeout: float = 240) -> None:
     """Run the named checks on ``world`` gloo processes; a failure on any rank fails the test
-    with that rank's traceback."""
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, _free_port(), checks),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{checks} on {world} processes did not finish in {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    with that rank's traceback, or, when a process dies without one, with the stage every rank
+    had reached."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "stage")
+        ctx = mp.start_processes(
+            _worker,
+            args=(world, _free_port(), checks, log),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=2):
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"{checks} on {world} processes did not finish in {timeout} s; stages "
+                        f"reached: {_stages(log, world)}"
+                    )
+        except mp.ProcessExitedException as e:
+            raise AssertionError(f"{e}; stages reached: {_stages(log, world)}") from e
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+
+
+def _stages(log: str, world: int) -> dict[int, str]:
+    out = {}
+    for rank in range(world):
+        try:
+            with open(f"{log}.{rank}") as f:
+                out[rank] = f.read().split()[-1]
+        except (OSError, IndexError):
+            out[rank] = "nothing"
+    return out
 
 
 # ---- shared pieces of the checks ------------------------------------------------------------
