@@ -352,7 +352,10 @@ class LinearLossFunction(torch.autograd.Function):
             p = Problem(*tensors, *ctx.scalars)
             go = grad_loss.to(pack.dtype).contiguous()
             _, _, *grads = _run(x, weight, bias, go, pack, p, ctx.chunk, gi, gw, gb, ctx.backend)
-            grads = [g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
+            grads = [
+                g.to(dt) if want else None
+                for g, want, dt in zip(grads, ctx.wants, ctx.dtypes, strict=True)
+            ]
         else:
             # Scale the forward's gradients in place: no second [V, H] weight gradient. They are
             # then consumed: a second backward (retain_graph=True) hits autograd's version check
@@ -365,9 +368,9 @@ class LinearLossFunction(torch.autograd.Function):
                 scale = torch.where(total != 0, scale / total, 0)
             grads = [
                 _scaled(g, scale, dt) if want else None
-                for g, want, dt in zip(grads, (gi, gw, gb), ctx.dtypes, strict=True)
+                for g, want, dt in zip(grads, ctx.wants, ctx.dtypes, strict=True)
             ]
-        dX, dW, db = (g if want else None for g, want in zip(grads, (gi, gw, gb), strict=True))
+        dX, dW, db = grads
         if ctx.shard is not None and gi:
             dX = parallel.sum_input_grad(dX, ctx.shard)
         return (dX, dW, db, None, None, None) + none
