@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # The extension is rebuilt in place (ahead of time, fused_ls/build.py) when any csrc/ source changes.
-CSRC    := $(wildcard fused_ls/csrc/*.h fused_ls/csrc/*/*.h fused_ls/csrc/*/*.cpp fused_ls/csrc/*/*.cu)
+CSRC    := $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 
 $(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -57,7 +57,7 @@ install-check: venv
 clean:
 	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out
 
-# Compile-check the CUDA kernels (fused_ls/csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
+# Compile-check the CUDA kernels (csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
 # on a machine with nvcc and no GPU (DESIGN.md §6). Fails on any compile error; nothing runs.
 CUDA_VENV  := .venv-cuda
 CUDA_TORCH ?= torch==2.14.1

@@ -1,5 +1,8 @@
-"""Build script. The compiled extension ``fused_ls._C`` (kernel sources in fused_ls/csrc/) is built
-here only when torch is importable at build time (``pip install --no-build-isolation``, ``make
+"""Build script. The kernel sources live in csrc/ at the top of the repository; a wheel ships a copy
+of them inside the package (``fused_ls/csrc/``, by ``BuildPy``), so that the first-use build works
+from an installed package, while an editable install builds from csrc/ itself.
+
+The compiled extension ``fused_ls._C`` is built here only when torch is importable at build time (``pip install --no-build-isolation``, ``make
 venv``): an ahead-of-time build, written next to the package with a build-info sidecar. Otherwise
 (the plain ``pip install``: pip's isolated build environment has no torch) the wheel is pure Python
 and the kernels are compiled on first use against the torch the user imports, once, into a cache.
@@ -23,6 +26,7 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRICT = os.environ.get("FUSED_LS_STRICT_BUILD") == "1"
@@ -43,6 +47,21 @@ def _build_module():
 
 
 BUILD = _build_module()
+
+
+class BuildPy(build_py):
+    """Copies csrc/ into the built package as fused_ls/csrc/ (what a first-use build compiles).
+    Not for editable installs: they compile csrc/ in place."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dest = os.path.join(self.build_lib, "fused_ls", "csrc")
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(
+            os.path.join(HERE, "csrc"), dest, ignore=shutil.ignore_patterns("__pycache__", "*.o")
+        )
 
 
 class BuildExt(build_ext):
@@ -96,4 +115,4 @@ def _ext_modules() -> list[Extension]:
     return [Extension("fused_ls._C", sources=[], optional=True)]
 
 
-setup(ext_modules=_ext_modules(), cmdclass={"build_ext": BuildExt})
+setup(ext_modules=_ext_modules(), cmdclass={"build_py": BuildPy, "build_ext": BuildExt})

@@ -1,6 +1,6 @@
 """How the compiled extension ``fused_ls._C`` is built and found; ``python -m fused_ls.build``.
 
-One description of the build (``recipe()``: the sources under fused_ls/csrc, each with its flags)
+One description of the build (``recipe()``: the kernel sources, each with its flags)
 and one way to compile it (``compile_library()``: a small ninja file, torch's include and library
 paths) serve both places a build happens:
 
@@ -18,11 +18,14 @@ An ahead-of-time build is loaded only when its sidecar matches the imported torc
 (loading a library built against another torch can crash the process); otherwise the first-use
 build replaces it and ``python -m fused_ls.info`` says why.
 
-What is compiled: every fused_ls/csrc/cpu/*.cpp with the baseline flags, except the per-ISA
-translation units named in ``ISA_FLAGS``, which get those flags (x86-64 only; ops.cpp picks the
-widest one this CPU supports at run time); and fused_ls/csrc/cuda/*.cu with nvcc when torch is
-a CUDA build, nvcc is found and the GPU architectures are known (``$TORCH_CUDA_ARCH_LIST``, else
-the visible GPUs).
+Where the sources are (``CSRC``): ``csrc/`` at the top of the repository, next to the package,
+for a source tree or an editable install; ``fused_ls/csrc/`` inside an installed wheel, where
+setup.py copies them (the repository keeps no C++ under ``fused_ls/``).
+
+What is compiled: every csrc/cpu/*.cpp with the baseline flags, except the per-ISA translation
+units named in ``ISA_FLAGS``, which get those flags (x86-64 only; ops.cpp picks the widest one
+this CPU supports at run time); and csrc/cuda/*.cu with nvcc when torch is a CUDA build, nvcc is
+found and the GPU architectures are known (``$TORCH_CUDA_ARCH_LIST``, else the visible GPUs).
 
 Environment: ``FUSED_LS_CACHE`` (cache directory; default ``$XDG_CACHE_HOME/fused_ls`` or
 ``~/.cache/fused_ls``), ``FUSED_LS_NO_JIT=1`` (never compile on first use), ``FUSED_LS_NO_CUDA=1``
@@ -54,7 +57,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PKG_DIR = Path(__file__).resolve().parent
-CSRC = PKG_DIR / "csrc"
+
+
+def _find_csrc() -> Path:
+    """The kernel sources: shipped inside the installed package, else the repository's csrc/."""
+    shipped = PKG_DIR / "csrc"
+    if (shipped / "rowmath.h").is_file():
+        return shipped
+    return PKG_DIR.parent / "csrc"
+
+
+CSRC = _find_csrc()
 MODULE = "fused_ls._C"
 LIB_NAME = "_C.so"  # file name of a first-use build inside its cache directory
 
@@ -205,7 +218,7 @@ def recipe(torch, debug: bool = False) -> Recipe:
 
 @functools.cache
 def sources_hash() -> str:
-    """sha256 of every file under fused_ls/csrc (names and contents)."""
+    """sha256 of every file under CSRC (names and contents)."""
     h = hashlib.sha256()
     for p in sorted(CSRC.rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts:
@@ -474,7 +487,7 @@ def mismatch(info: dict | None, torch) -> str | None:
         if info.get(k) != v:
             return f"it was built for {k} {info.get(k)}, this process has {v}"
     if info.get("sources") != sources_hash():
-        return "fused_ls/csrc changed since it was built (`make venv` rebuilds it in place)"
+        return "the kernel sources changed since it was built (`make venv` rebuilds it in place)"
     return None
 
 

@@ -38,7 +38,7 @@ def test_the_library_loaded_here_matches_this_torch_and_these_sources():
         ({"torch": "2.12.0+cpu"}, "built for torch 2.12.0+cpu, this process has"),
         ({"cxx11_abi": None}, "built for cxx11_abi None"),
         ({"python": "cpython-310"}, "built for python cpython-310"),
-        ({"sources": "0" * 64}, "fused_ls/csrc changed since it was built"),
+        ({"sources": "0" * 64}, "the kernel sources changed since it was built"),
     ],
 )
 def test_a_library_built_for_another_torch_or_older_sources_is_not_loaded(change, why):

@@ -1,4 +1,4 @@
-"""The compiled C++ CPU backend (``backend="cpp"``, fused_ls/csrc/cpu) against the float64 dense
+"""The compiled C++ CPU backend (``backend="cpp"``, csrc/cpu) against the float64 dense
 reference.
 
 Every mode of the op contract, every dtype, sizes chosen to hit the kernel's edges, every compiled

@@ -1,4 +1,4 @@
-"""The compiled CUDA backend (``backend="cuda"``, fused_ls/csrc/cuda) against the float64 dense
+"""The compiled CUDA backend (``backend="cuda"``, csrc/cuda) against the float64 dense
 reference.
 
 The same modes, dtypes and sizes as tests/test_cpp.py on CUDA tensors, plus the CUDA-specific

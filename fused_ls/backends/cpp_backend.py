@@ -1,10 +1,10 @@
-"""Compiled C++ CPU backend (``backend="cpp"``): fused_ls/csrc/cpu, math shared with CUDA in
-fused_ls/csrc/rowmath.h.
+"""Compiled C++ CPU backend (``backend="cpp"``): csrc/cpu, math shared with CUDA in
+csrc/rowmath.h.
 
 The extension module ``fused_ls._C`` is loaded lazily, on the first use of a compiled backend,
 and registers the kernel-level ops ``fused_ls::ext_forward`` / ``ext_backward`` /
 ``ext_forward_backward`` / ``ext_row_stats`` / ``ext_finalize`` (CPU, and CUDA when it was built
-with nvcc; host side in fused_ls/csrc/ext_common.h). They take the logits and the ``Problem``
+with nvcc; host side in csrc/ext_common.h). They take the logits and the ``Problem``
 (``fused_ls._problem``) in the same order as the ``fused_ls::`` ops, and finalise every row inside
 the kernel: the forward is one op call, the backward is one op call. When the extension cannot
 be loaded, the backend reports why through ``unavailable_reason()`` and one warning is issued; the
