@@ -2,8 +2,9 @@
 of them inside the package (``fused_ls/csrc/``, by ``BuildPy``), so that the first-use build works
 from an installed package, while an editable install builds from csrc/ itself.
 
-The compiled extension ``fused_ls._C`` is built here only when torch is importable at build time (``pip install --no-build-isolation``, ``make
-venv``): an ahead-of-time build, written next to the package with a build-info sidecar. Otherwise
+The compiled extension ``fused_ls._C`` is built here only when torch is importable at build time
+(``pip install --no-build-isolation``, ``make venv``): an ahead-of-time build, written next to the
+package with a build-info sidecar. Otherwise
 (the plain ``pip install``: pip's isolated build environment has no torch) the wheel is pure Python
 and the kernels are compiled on first use against the torch the user imports, once, into a cache.
 

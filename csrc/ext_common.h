@@ -7,7 +7,9 @@
 //   fused_ls::ext_row_stats(x, P)                       -> stats           (vocabulary sharding)
 //   fused_ls::ext_finalize(stats, P)                    -> (loss, pack)
 //
-// with P the Problem of fused_ls/_problem.py (FLS_PROBLEM_SCHEMA below, in the same order). Each
+// with P the Problem of fused_ls/_problem.py (FLS_PROBLEM_SCHEMA below, in the same order; the
+// three FLS_PROBLEM_* macros are checked against fused_ls._problem.Problem by tests/test_schema.py,
+// so a field added there must be added here, in the same place). Each
 // op checks its arguments, makes the O(N) per-row tensors contiguous in the accumulation dtype
 // (only when they are not already: a device copy on CUDA, never a host sync), fills one RowArgs
 // (args.h) and hands it to the Device:
@@ -255,11 +257,8 @@ std::tuple<at::Tensor, at::Tensor> finalize_op(const at::Tensor& stats, FLS_PROB
   TORCH_CHECK(stats.dim() == 2 && stats.size(1) == kWidth &&
                   (stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble),
               "fused_ls: stats must be [N, 8] fp32 or fp64");
-  // the statistics hold no columns: C = 0 at offset 0 (num_classes is the whole class space)
-  Call call(stats, stats.size(0), 0, stats.scalar_type(), target, weight, R, mass, sp_idx,
-            sp_val, eps_rows, mix_target, mix_rows, r0, smoothing, ignore_index,
-            adaptive_threshold, adaptive_factor, adaptive_mode, z_loss, softcap,
-            confidence_penalty, mix_lambda, reduction, 0, num_classes, need_stats);
+  // the statistics hold no columns (C = 0); num_classes is the whole class space
+  Call call(stats, stats.size(0), 0, stats.scalar_type(), FLS_PROBLEM_ARGS);
   call.a.stats = const_cast<void*>(call.prep(stats, call.acc, "stats"));
   Device::validate(call.a, call.acc);
   auto outs = call.outputs();

@@ -4,17 +4,13 @@
     crit = fused_ls.FusedLabelSmoothingCE(smoothing=0.1)
     loss = fused_ls.linear_label_smoothing_cross_entropy(hidden, lm_head.weight, target)
 
-See README.md for the exact semantics and ``python -m fused_ls.info`` for the available backends.
+See the docs (docs/, ``make docs``) for the exact semantics and ``python -m fused_ls.info`` for the
+available backends.
 """
 
 from . import _ops  # noqa: F401  (registers the fused_ls:: custom ops)
-from ._api import (
-    ConfidenceAdaptive,
-    FusedLabelSmoothingCE,
-    SparseSimilarity,
-    Stats,
-    label_smoothing_cross_entropy,
-)
+from ._options import ConfidenceAdaptive, SparseSimilarity, Stats
+from ._version import __version__
 from .backends import BACKEND_NAMES, reasons_for
 from .calibration import (
     expected_calibration_error,
@@ -23,6 +19,7 @@ from .calibration import (
 )
 from .distillation import distillation_loss
 from .linear import FusedLinearLabelSmoothingCE, linear_label_smoothing_cross_entropy
+from .loss import FusedLabelSmoothingCE, label_smoothing_cross_entropy
 from .parallel import VocabShard
 from .schedules import (
     SmoothingScheduler,
@@ -31,8 +28,6 @@ from .schedules import (
     off_switch_smoothing,
     warmup_smoothing,
 )
-
-__version__ = "0.1.0"
 
 
 def available_backends() -> dict[str, list[str]]:
@@ -48,6 +43,7 @@ __all__ = [
     "SmoothingScheduler",
     "Stats",
     "VocabShard",
+    "__version__",
     "available_backends",
     "calibration",
     "cosine_decay_smoothing",

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._problem import N_TENSORS, PROBLEM_SCHEMA, WIDTH, Problem, loss_shape
-from .backends import acc_dtype
+from ._problem import PROBLEM_SCHEMA, Problem, fake_loss_pack, fake_stats
 
 _lib = torch.library.Library("fused_ls", "FRAGMENT")  # noqa: TOR901 - ops defined from schemas
 
@@ -76,14 +75,9 @@ def _finalize(stats, *args):
     return backends.get(b).finalize(stats, p)
 
 
-# ---- fake kernels -------------------------------------------------------------------------------
-def _outputs_like(x: Tensor, n: int, p: Problem) -> tuple[Tensor, Tensor]:
-    acc = acc_dtype(x.dtype)
-    return x.new_empty(loss_shape(p, n), dtype=acc), x.new_empty(n + 1, WIDTH, dtype=acc)
-
-
+# ---- fake kernels (fused_ls._problem's output shapes) --------------------------------------------
 def _fake_forward(x, *args):
-    return _outputs_like(x, x.shape[0], _problem(args)[0])
+    return fake_loss_pack(x, x.shape[0], _problem(args)[0])
 
 
 def _fake_backward(grad_loss, x, out, pack, *args):
@@ -91,15 +85,15 @@ def _fake_backward(grad_loss, x, out, pack, *args):
 
 
 def _fake_forward_backward(x, out, grad_loss, *args):
-    return _outputs_like(x, x.shape[0], _problem(args)[0])
+    return fake_loss_pack(x, x.shape[0], _problem(args)[0])
 
 
 def _fake_row_stats(x, *args):
-    return x.new_empty(x.shape[0], WIDTH, dtype=acc_dtype(x.dtype))
+    return fake_stats(x)
 
 
 def _fake_finalize(stats, *args):
-    return _outputs_like(stats, stats.shape[0], _problem(args)[0])
+    return fake_loss_pack(stats, stats.shape[0], _problem(args)[0])
 
 
 for _name, _impl, _fake in (
@@ -189,5 +183,3 @@ def _op_backward(ctx, grad_loss, _grad_pack):
 torch.library.register_autograd(
     "fused_ls::forward", _op_backward, setup_context=_setup_context, lib=_lib
 )
-
-assert N_TENSORS == 9

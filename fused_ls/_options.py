@@ -1,21 +1,25 @@
-"""The keywords every entry point shares, parsed and validated once, here.
+"""The keywords every entry point shares: defined once here, parsed and validated once, here.
 
-``label_smoothing_cross_entropy``, ``FusedLabelSmoothingCE``, the fused linear head and the
-vocabulary-parallel path all take the same smoothing keywords. ``parse_options`` turns them into
-an immutable ``LossOptions`` (scalar checks only: no tensor op, no host sync), and
+``KEYWORDS`` is the one table of the user-facing keywords (name, default, type, meaning). Each
+entry point (the loss and its module, the fused head and its module, the dense reference, the
+transformers integration) takes ``**options`` and declares which of them it accepts with
+``takes_keywords``, which also gives the function its full signature (``inspect.signature``,
+``help``) and documents the keywords from the table. ``parse_options`` turns the keywords of one
+call into an immutable ``LossOptions`` (scalar checks only: no tensor op, no host sync), and
 ``LossOptions.bind`` checks the tensors against a concrete problem (number of classes, target
-shape, device) and produces the positional arguments of the ``fused_ls::`` ops. Data-dependent
-checks (target range, per-sample values, similarity entries) happen where the data is read: in
-the kernels, or once per similarity tensor in ``fused_ls._smoothing``.
+shape, device). Data-dependent checks (target range, per-sample values, similarity entries)
+happen where the data is read: in the kernels, or once per similarity tensor in
+``fused_ls._smoothing``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import numbers
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -209,6 +213,7 @@ class LossOptions:
     backend: str = "auto"
     inplace_backward: bool = False
     process_group: object | None = None
+    chunk_size: int | None = None  # the fused head's rows per chunk (None: its rule)
 
     def __deepcopy__(self, memo) -> LossOptions:
         """A deep copy that shares the process group: a communicator cannot be copied (a model
@@ -230,16 +235,6 @@ class LossOptions:
         if kw:
             raise TypeError(f"LossOptions.replace: unexpected keyword(s) {sorted(kw)}")
         return dataclasses.replace(self, **fields)
-
-    def num_classes_hint(self) -> int | None:
-        """The full number of classes implied by class weights or similarity, if any."""
-        if self.weight is not None:
-            return self.weight.shape[0]
-        if self.similarity is not None:
-            return self.similarity.shape[0]
-        if self.sparse is not None:
-            return self.sparse.num_classes
-        return None
 
     def bind(self, num_classes: int, target_shape, device: torch.device) -> tuple:
         """Check the tensors against a problem with ``num_classes`` classes (all of them, also
@@ -305,34 +300,208 @@ class LossOptions:
         )
 
 
-def parse_options(
-    smoothing: float | Tensor = 0.1,
-    *,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    similarity: Tensor | SparseSimilarity | None = None,
-    similarity_mix: float = 1.0,
-    adaptive: ConfidenceAdaptive | None = None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    confidence_penalty: float = 0.0,
-    mix_target: Tensor | None = None,
-    mix_lambda: float | Tensor | None = None,
-    return_stats: bool = False,
-    backend: str = "auto",
-    inplace_backward: bool = False,
-    process_group=None,
-) -> LossOptions:
-    """Validate the shared keywords (everything that needs no logits) into ``LossOptions``."""
+# ---- the one table of keywords ------------------------------------------------------------------
+class Keyword(NamedTuple):
+    name: str
+    default: Any
+    annotation: str
+    doc: str
+
+
+KEYWORDS: dict[str, Keyword] = {
+    k.name: k
+    for k in (
+        Keyword(
+            "smoothing",
+            0.1,
+            "float | Tensor",
+            "ε in [0, 1], or a float tensor of the target's shape (per-sample ε).",
+        ),
+        Keyword("weight", None, "Tensor | None", "[C] class weights (as in ``F.cross_entropy``)."),
+        Keyword(
+            "ignore_index",
+            -100,
+            "int",
+            'rows whose target equals it give 0 loss and are not counted by "mean".',
+        ),
+        Keyword(
+            "reduction",
+            "mean",
+            "str",
+            '"none" (the target\'s shape), "mean" (Σ loss / Σ w[y] over counted rows) or "sum".',
+        ),
+        Keyword(
+            "similarity",
+            None,
+            "Tensor | SparseSimilarity | None",
+            "None (uniform smoothing), a non-negative [C, C] tensor, or ``SparseSimilarity``; "
+            "rows are normalised to sum 1.",
+        ),
+        Keyword(
+            "similarity_mix",
+            1.0,
+            "float",
+            "β; the smoothing distribution is (1 − β)·uniform + β·S̃[y].",
+        ),
+        Keyword(
+            "adaptive",
+            None,
+            "ConfidenceAdaptive | None",
+            "``ConfidenceAdaptive`` for confidence-dependent per-sample ε.",
+        ),
+        Keyword("z_loss", 0.0, "float", "λ of the auxiliary λ·w[y]·lse² term."),
+        Keyword(
+            "softcap",
+            None,
+            "float | None",
+            "if given, logits are replaced by softcap·tanh(logits/softcap) first.",
+        ),
+        Keyword(
+            "confidence_penalty",
+            0.0,
+            "float",
+            "β_cp of the −β_cp·w[y]·H(p) term (Pereyra et al. 2017).",
+        ),
+        Keyword(
+            "mix_target",
+            None,
+            "Tensor | None",
+            "mixup: the target becomes λ·q(target) + (1 − λ)·q(mix_target) (class indices of "
+            "the target's shape).",
+        ),
+        Keyword(
+            "mix_lambda",
+            None,
+            "float | Tensor | None",
+            "mixup's λ: a float, or a tensor of the target's shape (required with mix_target).",
+        ),
+        Keyword(
+            "return_stats",
+            False,
+            "bool",
+            "also return ``Stats`` (lse, confidence, prediction) of the target's shape.",
+        ),
+        Keyword(
+            "backend",
+            "auto",
+            "str",
+            '"auto", "torch", "cpp", "cuda" or "triton"; "auto" honours $FUSED_LS_BACKEND.',
+        ),
+        Keyword(
+            "inplace_backward",
+            False,
+            "bool",
+            "write the gradient into the logits' storage (no extra N×C memory); the logits must "
+            "not be used afterwards, and autograd raises if another op saved them.",
+        ),
+        Keyword(
+            "process_group",
+            None,
+            "ProcessGroup | VocabShard | None",
+            "vocabulary parallelism (``fused_ls.parallel``): a ``torch.distributed`` group whose "
+            "ranks hold the class slices in rank order, or ``fused_ls.VocabShard(group, start, "
+            "num_classes)``; every other argument is the same on every rank and indexes all "
+            "classes.",
+        ),
+        Keyword(
+            "chunk_size",
+            None,
+            "int | None",
+            "the fused head's rows per chunk (default: ``fused_ls.linear.chunk_rows``'s rule).",
+        ),
+    )
+}
+
+# Which entry point takes which keywords (``takes_keywords``).
+_MATH = (
+    "smoothing",
+    "weight",
+    "ignore_index",
+    "reduction",
+    "similarity",
+    "similarity_mix",
+    "adaptive",
+    "z_loss",
+    "softcap",
+    "confidence_penalty",
+)
+_PER_CALL = ("mix_target", "mix_lambda")
+_RUN = ("return_stats", "backend", "process_group")
+LOSS_KEYWORDS = (*_MATH, *_PER_CALL, *_RUN, "inplace_backward")
+HEAD_KEYWORDS = (*_MATH, *_PER_CALL, *_RUN, "chunk_size")
+# modules: per-call tensors are arguments of forward, not of the constructor
+LOSS_MODULE_KEYWORDS = tuple(k for k in LOSS_KEYWORDS if k not in _PER_CALL)
+HEAD_MODULE_KEYWORDS = tuple(k for k in HEAD_KEYWORDS if k not in _PER_CALL)
+# the dense reference computes the loss: no output or execution keywords
+REFERENCE_KEYWORDS = (*_MATH, *_PER_CALL)
+assert set(LOSS_KEYWORDS + HEAD_KEYWORDS) == set(KEYWORDS)
+
+
+def takes_keywords(names: tuple[str, ...]):
+    """Declare that ``fn(..., **options)`` takes the shared keywords ``names``: records them
+    (``parse_options`` and ``keyword_values`` accept exactly these), gives ``fn`` the full
+    signature (its own parameters, then the shared ones with their defaults; ``inspect`` and
+    ``help`` show it) and appends their meaning, from ``KEYWORDS``, to its docstring."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+        if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(f"{fn.__qualname__} must take **options")
+        explicit = {p.name for p in params}
+        positional = [p for p in params if p.kind < inspect.Parameter.KEYWORD_ONLY]
+        own = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        shared = [
+            inspect.Parameter(
+                n,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=KEYWORDS[n].default,
+                annotation=KEYWORDS[n].annotation,
+            )
+            for n in names
+            if n not in explicit
+        ]
+        fn.__signature__ = sig.replace(parameters=positional + own + shared)
+        fn.__fused_ls_keywords__ = tuple(names)
+        documented = [n for n in names if n != "smoothing"]
+        lines = [f"    {n}: {KEYWORDS[n].doc}" for n in documented]
+        doc = inspect.cleandoc(fn.__doc__ or "")
+        fn.__doc__ = doc + "\n\nOther Parameters:\n" + "\n".join(lines) + "\n"
+        return fn
+
+    return wrap
+
+
+def keyword_values(fn, options: dict) -> dict:
+    """Every keyword that ``fn`` takes (``takes_keywords``), from ``options`` or its default;
+    TypeError naming the function for a keyword it does not take."""
+    names = fn.__fused_ls_keywords__
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(
+            f"{fn.__qualname__}() got unexpected keyword argument(s) {unknown}; it takes "
+            f"{', '.join(names)}"
+        )
+    return {n: options.get(n, KEYWORDS[n].default) for n in names}
+
+
+def parse_options(fn, options: dict) -> LossOptions:
+    """Validate the keywords of one call of the entry point ``fn`` (everything that needs no
+    logits) into ``LossOptions``."""
+    kw = keyword_values(fn, options)
+    get = kw.get
+    reduction = get("reduction", "mean")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
-    smoothing, eps_rows = _parse_smoothing(smoothing)
+    smoothing, eps_rows = _parse_smoothing(get("smoothing", 0.1))
+    weight = get("weight")
     if weight is not None:
         if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
             raise ValueError("weight must be a 1-D floating-point tensor of C class weights")
+    ignore_index = get("ignore_index", -100)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    similarity = get("similarity")
     dense = sparse = None
     if isinstance(similarity, SparseSimilarity):
         sparse = similarity
@@ -348,19 +517,29 @@ def parse_options(
             "similarity must be None, a [C, C] tensor or SparseSimilarity, got "
             f"{type(similarity).__name__}"
         )
-    beta = _unit_interval("similarity_mix", similarity_mix)
+    beta = _unit_interval("similarity_mix", get("similarity_mix", 1.0))
+    adaptive = get("adaptive")
     if adaptive is not None and not isinstance(adaptive, ConfidenceAdaptive):
         raise TypeError(
             f"adaptive must be None or ConfidenceAdaptive, got {type(adaptive).__name__}"
         )
-    for name, v in (("z_loss", z_loss), ("confidence_penalty", confidence_penalty)):
+    for name in ("z_loss", "confidence_penalty"):
+        v = get(name, 0.0)
         if not _is_real_scalar(v) or not _finite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
+    softcap = get("softcap")
     if softcap is not None and not (_is_real_scalar(softcap) and _finite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
-    lam, mix_rows = _parse_mix(mix_target, mix_lambda)
+    mix_target = get("mix_target")
+    lam, mix_rows = _parse_mix(mix_target, get("mix_lambda"))
+    backend = get("backend", "auto")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    chunk_size = get("chunk_size")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return LossOptions(
         smoothing=smoothing,
         smoothing_rows=eps_rows,
@@ -371,14 +550,15 @@ def parse_options(
         sparse=sparse,
         similarity_mix=beta,
         adaptive=adaptive,
-        z_loss=float(z_loss),
+        z_loss=float(get("z_loss", 0.0)),
         softcap=float(softcap or 0.0),
-        confidence_penalty=float(confidence_penalty),
+        confidence_penalty=float(get("confidence_penalty", 0.0)),
         mix_target=mix_target,
         mix_lambda=lam,
         mix_rows=mix_rows,
-        return_stats=bool(return_stats),
+        return_stats=bool(get("return_stats", False)),
         backend=backend,
-        inplace_backward=bool(inplace_backward),
-        process_group=process_group,
+        inplace_backward=bool(get("inplace_backward", False)),
+        process_group=get("process_group"),
+        chunk_size=chunk_size,
     )

@@ -41,7 +41,12 @@ R_NONE, R_MEAN, R_SUM = 0, 1, 2
 
 
 class Problem(NamedTuple):
-    """Row inputs of the ``fused_ls::`` ops, in schema order (tensors first)."""
+    """Row inputs of the ``fused_ls::`` ops, in schema order (tensors first).
+
+    This is the one definition of the ops' arguments after the logits: ``PROBLEM_SCHEMA`` (the
+    custom-op schema) is derived from these annotations, the C++ side (csrc/ext_common.h) and
+    the Triton launches (fused_ls/backends/triton_backend.py) are checked against it by
+    tests/test_schema.py."""
 
     target: Tensor  # [N] int64, global class ids
     weight: Tensor | None  # [num_classes] accumulation dtype
@@ -86,15 +91,27 @@ class Problem(NamedTuple):
         return tuple(self[N_TENSORS:])
 
 
-N_TENSORS = 9
+# The custom-op schema types of the annotations above (``from __future__ import annotations``
+# keeps them unevaluated: strings, or ForwardRefs of them).
+_SCHEMA_TYPES = {
+    "Tensor": "Tensor",
+    "Tensor | None": "Tensor?",
+    "float": "float",
+    "int": "int",
+    "bool": "bool",
+}
 
-PROBLEM_SCHEMA = (
-    "Tensor target, Tensor? weight, Tensor? R, Tensor mass, Tensor? sp_idx, Tensor? sp_val, "
-    "Tensor? eps_rows, Tensor? mix_target, Tensor? mix_rows, float r0, float smoothing, "
-    "int ignore_index, float adaptive_threshold, float adaptive_factor, int adaptive_mode, "
-    "float z_loss, float softcap, float confidence_penalty, float mix_lambda, int reduction, "
-    "int col_offset, int num_classes, bool need_stats"
-)
+
+def _schema_type(name: str) -> str:
+    annotation = Problem.__annotations__[name]
+    return _SCHEMA_TYPES[getattr(annotation, "__forward_arg__", annotation)]
+
+
+# "Tensor target, Tensor? weight, ..., bool need_stats": the Problem part of every op's schema
+PROBLEM_SCHEMA = ", ".join(f"{_schema_type(f)} {f}" for f in Problem._fields)
+# the tensors come first: the number of leading tensor fields
+N_TENSORS = next(i for i, f in enumerate(Problem._fields) if "Tensor" not in _schema_type(f))
+assert all("Tensor" not in _schema_type(f) for f in Problem._fields[N_TENSORS:])
 
 
 def argmax_bits_dtype(acc: torch.dtype) -> torch.dtype:
@@ -104,3 +121,70 @@ def argmax_bits_dtype(acc: torch.dtype) -> torch.dtype:
 
 def loss_shape(p: Problem, n: int) -> tuple:
     return (n,) if p.reduction == R_NONE else ()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the contract: fp32 whatever the input dtype; fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- output shapes (the fake kernels of the ops) ------------------------------------------------
+def fake_loss_pack(rows_like: Tensor, n: int, p: Problem) -> tuple[Tensor, Tensor]:
+    """Empty (loss, pack) of the finalisation of n rows (their dtype from ``rows_like``'s)."""
+    acc = acc_dtype(rows_like.dtype)
+    return rows_like.new_empty(loss_shape(p, n), dtype=acc), rows_like.new_empty(
+        n + 1, WIDTH, dtype=acc
+    )
+
+
+def fake_stats(x: Tensor) -> Tensor:
+    """Empty statistics [N, 8] of logits x."""
+    return x.new_empty(x.shape[0], WIDTH, dtype=acc_dtype(x.dtype))
+
+
+# ---- data-dependent checks ----------------------------------------------------------------------
+def check(bad: Tensor, exc: type, message) -> None:
+    """Raise `exc` if any element of `bad` is set: on CPU now; on CUDA a device-side assert,
+    never a host sync. ``message`` may be a callable (formatted only when raising)."""
+    if bad.numel() == 0:
+        return
+    if bad.device.type == "cpu":
+        if bool(bad.any()):
+            raise exc(message() if callable(message) else message)
+    else:
+        msg = message if not callable(message) else "fused_ls: invalid input (see CPU message)"
+        torch._assert_async(~bad.any(), msg)
+
+
+def validate(p: Problem) -> None:
+    """The data-dependent checks of a Problem (targets in range, per-sample values in [0, 1]):
+    what the compiled kernels check in their statistics pass, for the Python backends."""
+    C, y = p.num_classes, p.target
+    valid = y != p.ignore_index
+    bad = valid & ((y < 0) | (y >= C))
+    check(
+        bad,
+        IndexError,
+        lambda: (
+            f"target contains {int(y[bad][0])}, outside [0, {C}) and not "
+            f"ignore_index={p.ignore_index}"
+        ),
+    )
+    if p.mix_target is not None:
+        yb = p.mix_target
+        bad = valid & ((yb < 0) | (yb >= C))
+        check(
+            bad,
+            IndexError,
+            lambda: f"mix_target contains {int(yb[bad][0])} on a non-ignored row, outside [0, {C})",
+        )
+    for name, t in (("smoothing", p.eps_rows), ("mix_lambda", p.mix_rows)):
+        if t is not None:
+            bad = ~((t >= 0) & (t <= 1))  # NaN is bad too
+            check(
+                bad,
+                ValueError,
+                lambda t=t, bad=bad, name=name: (
+                    f"{name} (per-sample tensor) must lie in [0, 1]; found {float(t[bad][0])}"
+                ),
+            )

@@ -28,6 +28,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._problem import check
+
 
 class Smoothing(NamedTuple):
     r0: float  # uniform mass per class, before the class weight
@@ -36,10 +38,6 @@ class Smoothing(NamedTuple):
     mass: Tensor  # [1] (every target) or [C] (per target): M_y without the sparse part
     sp_idx: Tensor | None  # [C, K] int64, padding (−1) replaced by column 0 ...
     sp_val: Tensor | None  # [C, K] β · S̃, ... whose value is 0
-
-    @property
-    def dense(self) -> bool:
-        return self.R is not None
 
 
 def uniform_r0(num_classes: int, beta: float, has_similarity: bool) -> float:
@@ -90,19 +88,6 @@ def prepare(
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return value
-
-
-def check(bad: Tensor, exc: type, message) -> None:
-    """Raise `exc` if any element of `bad` is set: on CPU now; on CUDA a device-side assert,
-    never a host sync."""
-    if bad.numel() == 0:
-        return
-    if bad.device.type == "cpu":
-        if bool(bad.any()):
-            raise exc(message() if callable(message) else message)
-    else:
-        msg = message if not callable(message) else "fused_ls: invalid input (see CPU message)"
-        torch._assert_async(~bad.any(), msg)
 
 
 def _compute(weight, similarity, sparse_idx, sparse_val, beta, C, acc, device) -> Smoothing:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._api import Stats
+from ._options import Stats
 
 __all__ = [
     "CalibrationBins",

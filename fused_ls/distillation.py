@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._api import label_smoothing_cross_entropy
-from .backends import acc_dtype
+from ._problem import acc_dtype
+from .loss import label_smoothing_cross_entropy
 
 __all__ = ["distillation_loss", "kl_divergence_rows"]
 

@@ -48,10 +48,16 @@ import torch
 from torch import Tensor
 
 from . import backends, parallel
-from ._api import OptionsModule, make_problem, outputs
-from ._options import LossOptions, Stats, parse_options
-from ._problem import PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem
-from .backends import acc_dtype
+from ._entry import OptionsModule, make_problem, outputs
+from ._options import (
+    HEAD_KEYWORDS,
+    HEAD_MODULE_KEYWORDS,
+    LossOptions,
+    Stats,
+    parse_options,
+    takes_keywords,
+)
+from ._problem import PROBLEM_SCHEMA, R_MEAN, R_NONE, R_SUM, T_LOSS, T_W, WIDTH, Problem, acc_dtype
 from .backends.cpp_backend import accumulate_, scaled_copy_
 
 # (minimum rows, maximum block bytes) per device type
@@ -307,10 +313,43 @@ def _run(*args):
     return torch.ops.fused_ls.linear_rows(x, weight, bias, grad_rows, fwd_pack, *p, *rest)
 
 
+# ---- the head over a sharded vocabulary (fused_ls.parallel) --------------------------------------
+# To keep the two collectives per forward, it makes two passes over row chunks: pass 1 computes
+# each chunk's logits and their row statistics (kept: [N, 8]); the merge and one finalisation
+# cover all N rows; pass 2 recomputes each chunk's logits and turns them into the gradient with
+# the backward op (``linear_rows`` with the merged pack): dX_r = G_r·W_r, dW_r += G_rᵀ·X_c,
+# db_r += Σ G_r. That is four GEMMs per chunk instead of three.
+def _chunk_stats(x, weight, bias, p: Problem, chunk: int, backend: str) -> Tensor:
+    """Pass 1: the row statistics of x·Wᵀ + b over this rank's columns, chunk by chunk."""
+    xc, w, bias_c = in_compute_dtype(x, weight, bias)
+    b = backends.get(backend)
+    stats = x.new_empty(x.shape[0], WIDTH, dtype=acc_dtype(w.dtype))
+    for s, e, blk in logit_blocks(xc, w, bias_c, chunk):
+        stats[s:e] = b.row_stats(blk, _chunk_problem(p, s, e, p.reduction))
+    return stats
+
+
+def sharded_linear_rows(
+    shard: parallel.RankSlice, x, weight, bias, grad_rows, fwd_pack, p, chunk, gi, gw, gb, backend
+):
+    """``linear_rows`` (the forward: ``grad_rows`` and ``fwd_pack`` None) for this rank's weight
+    rows: pass 1, the merge, one finalisation, and pass 2 for the gradients of Σ_i loss_i when any
+    is asked. Returns (loss, pack, dX_r, dW_r, db_r); dX_r is this rank's partial input gradient
+    (the autograd backward sums it over the group)."""
+    stats = parallel.merge(_chunk_stats(x, weight, bias, p, chunk, backend), p, shard)
+    loss, pack = backends.get(backend).finalize(stats, p)
+    if not (gi or gw or gb):
+        empty = x.new_empty(0)
+        return loss, pack, empty, empty, empty
+    ones = pack.new_ones(x.shape[0])
+    _, _, dX, dW, db = linear_rows(x, weight, bias, ones, pack, p, chunk, gi, gw, gb, backend)
+    return loss, pack, dX, dW, db
+
+
 def _runner(shard):
     """The forward's chunk loop: ``_run``, or over a vocabulary shard (``shard`` a
-    ``fused_ls.parallel.RankSlice``) the two-pass loop of fused_ls.parallel."""
-    return _run if shard is None else functools.partial(parallel.linear_rows, shard)
+    ``fused_ls.parallel.RankSlice``) ``sharded_linear_rows``."""
+    return _run if shard is None else functools.partial(sharded_linear_rows, shard)
 
 
 class LinearLossFunction(torch.autograd.Function):
@@ -376,6 +415,7 @@ class LinearLossFunction(torch.autograd.Function):
         return (dX, dW, db, None, None, None) + none
 
 
+@takes_keywords(HEAD_KEYWORDS)
 def linear_label_smoothing_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -383,21 +423,7 @@ def linear_label_smoothing_cross_entropy(
     smoothing: float | Tensor = 0.1,
     *,
     linear_bias: Tensor | None = None,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    similarity=None,
-    similarity_mix: float = 1.0,
-    adaptive=None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    confidence_penalty: float = 0.0,
-    mix_target: Tensor | None = None,
-    mix_lambda: float | Tensor | None = None,
-    return_stats: bool = False,
-    chunk_size: int | None = None,
-    backend: str = "auto",
-    process_group=None,
+    **options,
 ) -> Tensor | tuple[Tensor, Stats]:
     """``label_smoothing_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
     without ever holding the [N, V] logits (see the module docstring for how).
@@ -406,38 +432,22 @@ def linear_label_smoothing_cross_entropy(
         input: [..., H] hidden states (leading dims flattened); fp32, bf16, fp16 or fp64.
         linear_weight: [V, H] the head's weight (the model's parameter: tied embeddings work).
         target: class indices of the leading shape of ``input``.
+        smoothing: as ``label_smoothing_cross_entropy``.
         linear_bias: optional [V] bias.
-        chunk_size: rows per chunk (default: the rule of ``chunk_rows``).
-        smoothing, weight, ignore_index, reduction, similarity, similarity_mix, adaptive,
-        z_loss, softcap, confidence_penalty, mix_target, mix_lambda, return_stats, backend:
-            as ``label_smoothing_cross_entropy`` (``weight`` is the [V] class weights).
-        process_group: vocabulary parallelism (``fused_ls.parallel``): ``linear_weight`` and
-            ``linear_bias`` hold this rank's rows of the head, ``input`` is the same on every
-            rank; the input gradient is the full one on every rank (summed over the group in
-            the backward), the weight and bias gradients are this rank's rows.
+
+    The keywords (below) are those of ``label_smoothing_cross_entropy`` (``weight`` is the [V]
+    class weights) and ``chunk_size``. With ``process_group`` (vocabulary parallelism,
+    ``fused_ls.parallel``), ``linear_weight`` and ``linear_bias`` hold this rank's rows of the
+    head and ``input`` is the same on every rank; the input gradient is the full one on every
+    rank (summed over the group in the backward), the weight and bias gradients are this rank's
+    rows.
 
     Returns:
         the loss (fp32; fp64 for fp64 inputs; "none": the target's shape), and ``Stats`` if
         ``return_stats``.
     """
-    opts = parse_options(
-        smoothing,
-        weight=weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        similarity=similarity,
-        similarity_mix=similarity_mix,
-        adaptive=adaptive,
-        z_loss=z_loss,
-        softcap=softcap,
-        confidence_penalty=confidence_penalty,
-        mix_target=mix_target,
-        mix_lambda=mix_lambda,
-        return_stats=return_stats,
-        backend=backend,
-        process_group=process_group,
-    )
-    return linear_loss_with_options(input, linear_weight, target, opts, linear_bias, chunk_size)
+    opts = parse_options(linear_label_smoothing_cross_entropy, dict(options, smoothing=smoothing))
+    return linear_loss_with_options(input, linear_weight, target, opts, linear_bias)
 
 
 def _check_linear(input, linear_weight, linear_bias, target):
@@ -493,19 +503,14 @@ def linear_loss_with_options(
     target: Tensor,
     opts: LossOptions,
     linear_bias: Tensor | None = None,
-    chunk_size: int | None = None,
 ):
     """``linear_label_smoothing_cross_entropy`` for already-parsed options."""
     V, H = _check_linear(input, linear_weight, linear_bias, target)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     x = input.reshape(-1, H)
     N = x.shape[0]
     dev = x.device
     cd = compute_dtype(x.dtype, dev.type)
-    chunk = chunk_size or chunk_rows(N, H, V, cd, dev)
+    chunk = opts.chunk_size or chunk_rows(N, H, V, cd, dev)
     if N == 0:
         chunk = 1
     req = backends.Request(
@@ -543,18 +548,26 @@ class FusedLinearLabelSmoothingCE(OptionsModule):
     smoothing=None, mix_target=None, mix_lambda=None)`` takes the head's weight from the model, so
     tied embeddings and FSDP keep working."""
 
+    @takes_keywords(HEAD_MODULE_KEYWORDS)
     def __init__(
         self,
         smoothing: float = 0.1,
         weight: Tensor | None = None,
         ignore_index: int = -100,
         reduction: str = "mean",
-        **kwargs,
+        **options,
     ):
         super().__init__(
-            smoothing, weight, ignore_index, reduction, frozenset({"chunk_size"}), kwargs
+            smoothing=smoothing,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            **options,
         )
-        self.chunk_size = self._own.get("chunk_size")
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self._opts.chunk_size
 
     def forward(
         self,
@@ -567,9 +580,7 @@ class FusedLinearLabelSmoothingCE(OptionsModule):
         mix_lambda: float | Tensor | None = None,
     ):
         opts = self.options(smoothing, mix_target, mix_lambda)
-        return linear_loss_with_options(
-            input, linear_weight, target, opts, linear_bias, self.chunk_size
-        )
+        return linear_loss_with_options(input, linear_weight, target, opts, linear_bias)
 
 
 __all__ = [

@@ -34,15 +34,12 @@ loss NaN, and the argmax is the first NaN (the first rank holding one). The maxi
 exchanged by a gather, not a MAX reduction, so nothing depends on how a collective library
 orders NaN.
 
-The fused LM head (``linear_label_smoothing_cross_entropy(..., process_group=...)``) takes the
-replicated input [N, H] and this rank's weight rows [C_r, H] (bias [C_r]). To keep the two
-collectives per forward, it makes two passes over row chunks: pass 1 computes each chunk's
-logits and their row statistics (kept: [N, 8]); the merge and one finalisation cover all N rows;
-pass 2 recomputes each chunk's logits and turns them into the gradient with the backward op
-(``fused_ls.linear.linear_rows``): dX_r = G_r·W_r, dW_r += G_rᵀ·X_c, db_r += Σ G_r. That is four
-GEMMs per chunk instead of three. The autograd backward scales as the single-process head does
-and sums dX over the group (the one collective of the backward), so every rank returns the full
-input gradient and its own slice of the weight gradient.
+The fused LM head (``linear_label_smoothing_cross_entropy(..., process_group=...)``, whose chunk
+loops live in ``fused_ls.linear``) takes the replicated input [N, H] and this rank's weight rows
+[C_r, H] (bias [C_r]): the row statistics of every chunk, then ``merge`` and one finalisation of
+all N rows, then the gradients; the autograd backward sums dX over the group (``sum_input_grad``,
+the one collective of the backward), so every rank returns the full input gradient and its own
+slice of the weight gradient.
 
 Offsets: a rank knows only its local size. Given a plain ``ProcessGroup``, the sizes (and, as a
 cheap consistency check, the row count and a fingerprint of the scalar options) are exchanged
@@ -63,7 +60,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends
 from ._ops import LossFunction, call
 from ._problem import (
     S_ARG,
@@ -74,11 +70,10 @@ from ._problem import (
     S_S,
     S_ZA,
     S_ZB,
-    WIDTH,
     Problem,
     argmax_bits_dtype,
+    check,
 )
-from ._smoothing import check
 
 __all__ = ["VocabShard"]
 
@@ -267,42 +262,11 @@ class ShardedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_pack):
-        g, *rest = LossFunction.backward(ctx, grad_loss, grad_pack)
-        return (g, None, None, None, *rest)
+        g = LossFunction.backward(ctx, grad_loss, grad_pack)[0]
+        return (g, None, None, None) + (None,) * len(Problem._fields)
 
 
-# ---- the fused LM head over a sharded vocabulary ------------------------------------------------
-def _chunk_stats(x, weight, bias, p: Problem, chunk: int, backend: str) -> Tensor:
-    """Pass 1: the row statistics of x·Wᵀ + b over this rank's columns, chunk by chunk."""
-    from .linear import _chunk_problem, in_compute_dtype, logit_blocks
-
-    xc, w, bias_c = in_compute_dtype(x, weight, bias)
-    b = backends.get(backend)
-    stats = x.new_empty(x.shape[0], WIDTH, dtype=backends.acc_dtype(w.dtype))
-    for s, e, blk in logit_blocks(xc, w, bias_c, chunk):
-        stats[s:e] = b.row_stats(blk, _chunk_problem(p, s, e, p.reduction))
-    return stats
-
-
-def linear_rows(
-    shard: RankSlice, x, weight, bias, grad_rows, fwd_pack, p, chunk, gi, gw, gb, backend
-):
-    """``fused_ls.linear.linear_rows`` (the forward: ``grad_rows`` and ``fwd_pack`` None) for this
-    rank's weight rows: pass 1, the merge, one finalisation, and pass 2 for the gradients of
-    Σ_i loss_i when any is asked. Returns (loss, pack, dX_r, dW_r, db_r); dX_r is this rank's
-    partial input gradient (the autograd backward sums it over the group)."""
-    from .linear import linear_rows as local_rows
-
-    stats = merge(_chunk_stats(x, weight, bias, p, chunk, backend), p, shard)
-    loss, pack = backends.get(backend).finalize(stats, p)
-    if not (gi or gw or gb):
-        empty = x.new_empty(0)
-        return loss, pack, empty, empty, empty
-    ones = pack.new_ones(x.shape[0])
-    _, _, dX, dW, db = local_rows(x, weight, bias, ones, pack, p, chunk, gi, gw, gb, backend)
-    return loss, pack, dX, dW, db
-
-
+# ---- the fused LM head over a sharded vocabulary (its chunk loops: fused_ls.linear) -------------
 def sum_input_grad(dX: Tensor, shard: RankSlice) -> Tensor:
     """The full input gradient from every rank's partial one (the backward's one collective)."""
     dist.all_reduce(dX, group=shard.group)

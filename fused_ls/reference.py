@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._api import ConfidenceAdaptive, SparseSimilarity
+from ._options import REFERENCE_KEYWORDS, SparseSimilarity, keyword_values, takes_keywords
 
 
 def label_smoothing(
@@ -46,30 +46,27 @@ def label_smoothing(
     return (1 - eps) * onehot + eps * r
 
 
+@takes_keywords(REFERENCE_KEYWORDS)
 def cross_entropy(
     logits: Tensor,
     target: Tensor,
     smoothing: float | Tensor = 0.1,
     *,
-    weight: Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    similarity: Tensor | SparseSimilarity | None = None,
-    similarity_mix: float = 1.0,
-    adaptive: ConfidenceAdaptive | None = None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    confidence_penalty: float = 0.0,
-    mix_target: Tensor | None = None,
-    mix_lambda: float | Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
+    **options,
 ) -> Tensor:
-    """Dense reference of ``label_smoothing_cross_entropy`` (same arguments), in float64.
+    """Dense reference of ``label_smoothing_cross_entropy`` (the same loss keywords), in float64.
 
     Differentiable with respect to ``logits``; the adaptive ε uses detached probabilities.
     ``compute_dtype`` runs the same dense computation in another precision: tests use it to
     measure what plain PyTorch's own error is in bf16/fp16, and set tolerances relative to it.
+    The keywords are taken as given (no validation: this is the oracle, not the library).
     """
+    kw = keyword_values(cross_entropy, dict(options, smoothing=smoothing))
+    weight, ignore_index, reduction = kw["weight"], kw["ignore_index"], kw["reduction"]
+    similarity, similarity_mix, adaptive = kw["similarity"], kw["similarity_mix"], kw["adaptive"]
+    z_loss, softcap, confidence_penalty = kw["z_loss"], kw["softcap"], kw["confidence_penalty"]
+    mix_target, mix_lambda = kw["mix_target"], kw["mix_lambda"]
     dt = compute_dtype
     C = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
     x = logits.to(dt)

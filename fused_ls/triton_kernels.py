@@ -298,7 +298,7 @@ def _point_masses(y_a, y_b, t_a, t_b, sp_a, sp_b, go, j, W, SP_IDX, SP_VAL, K, H
 
 @triton.jit
 def _grad_row(
-    x_row, o_row, lo, hi, C, col_lo, ra_row, rb_row, r_scale_a, r_scale_b,
+    x_row, o_row, lo, hi, C, col_lo, ra_row, rb_row, r_scale_a,
     lse, pz, coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b, go,
     y_a, y_b, has_mix, W, SP_IDX, SP_VAL, K, HAS_W, softcap,
     R_MODE: tl.constexpr, HAS_B: tl.constexpr, NEED_PZ: tl.constexpr,
@@ -340,7 +340,7 @@ def _grad_row(
     else:
         g_j -= u_a * r_scale_a * tl.load(ra_row + loc_j, mask=own_j, other=0.0)
     if HAS_B:
-        g_j -= u_b * r_scale_b * tl.load(rb_row + loc_j, mask=own_j, other=0.0)
+        g_j -= u_b * tl.load(rb_row + loc_j, mask=own_j, other=0.0)
     g_j -= summed
     if HAS_SOFTCAP:
         t_j = z_j / softcap
@@ -364,7 +364,7 @@ def _grad_row(
         else:
             g -= u_a * r_scale_a * tl.load(ra_row + c, mask=mask, other=0.0)
         if HAS_B:
-            g -= u_b * r_scale_b * tl.load(rb_row + c, mask=mask, other=0.0)
+            g -= u_b * tl.load(rb_row + c, mask=mask, other=0.0)
         if HAS_SOFTCAP:
             t = z / softcap
             g *= 1.0 - t * t
@@ -431,10 +431,10 @@ def _rows_kernel(
     SP_IDX, SP_VAL, K,  # sparse neighbours [nc, K] (K = 0: none)
     EPS_ROWS, LAM_ROWS, GO,  # per-sample ε / λ [N], upstream gradient [N | 1] (GRAD)
     PACK, LOSS, STATS, PART,  # outputs: pack [N+1, 8], loss [N], stats [N, 8], partials [N, S, 8]
-    C, col_offset, num_classes, ignore_index,
-    r0, eps, lam, adaptive_threshold, adaptive_factor, z_loss, cp, softcap,
-    eps_rows_on, lam_rows_on, has_mix, has_w, adaptive_mode, go_per_row, loss_rows_on, S,
-    cols_per_split,
+    C, col_offset, num_classes, ignore_index,  # (scalars named as fused_ls._problem.Problem's)
+    r0, smoothing, mix_lambda, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty,
+    softcap, eps_rows_on, lam_rows_on, has_mix, has_w, adaptive_mode, go_per_row, loss_rows_on,
+    S, cols_per_split,
     BLOCK: tl.constexpr, KP: tl.constexpr, POINT_CHUNK: tl.constexpr,
     R_MODE: tl.constexpr,  # 0: R = r0, 1: R = r0·w, 2: dense rows R[y]
     HAS_B: tl.constexpr,  # a second dense row R[y_b] (mixup with a dense similarity)
@@ -529,8 +529,9 @@ def _rows_kernel(
             loss, Wt, lse, eps_i, conf, pz = _finalize(
                 m, d_row, s_row, Da, Db, za, zb, row, valid, y_a, y_b, has_mix,
                 W, MASS, SP_IDX, SP_VAL, K, has_w, R_MODE == 2,
-                EPS_ROWS, eps, eps_rows_on, LAM_ROWS, lam, lam_rows_on,
-                adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, cp, NEED_PZ, KP,
+                EPS_ROWS, smoothing, eps_rows_on, LAM_ROWS, mix_lambda, lam_rows_on,
+                adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty, NEED_PZ,
+                KP,
             )  # fmt: skip
             _store_pack(
                 PACK, LOSS, row, lse, eps_i, pz, conf,
@@ -544,11 +545,11 @@ def _rows_kernel(
                 coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b = _grad_coefs(
                     lse, eps_i, go, row, valid, y_a, y_b, has_mix,
                     W, MASS, SP_IDX, SP_VAL, K, has_w, R_MODE == 2,
-                    LAM_ROWS, lam, lam_rows_on, z_loss, cp, KP,
+                    LAM_ROWS, mix_lambda, lam_rows_on, z_loss, confidence_penalty, KP,
                 )  # fmt: skip
                 _grad_row(
                     x_row, OUT + row * stride_o, lo, hi, C, col_offset, ra_row, rb_row,
-                    r_scale_a, 1.0, lse, pz, coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b, go,
+                    r_scale_a, lse, pz, coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b, go,
                     y_a, y_b, has_mix, W, SP_IDX, SP_VAL, K, has_w, softcap,
                     R_MODE, HAS_B, NEED_PZ, HAS_SOFTCAP, BLOCK, KP, POINT_CHUNK,
                 )  # fmt: skip
@@ -568,8 +569,8 @@ def _merge_kernel(
     Y_A, Y_B, W, MASS, SP_IDX, SP_VAL, K,
     EPS_ROWS, LAM_ROWS, PACK, LOSS, STATS,
     C, col_offset, num_classes, ignore_index,
-    eps, lam, adaptive_threshold, adaptive_factor, z_loss, cp, softcap,
-    eps_rows_on, lam_rows_on, has_mix, has_w, adaptive_mode, loss_rows_on,
+    smoothing, mix_lambda, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty,
+    softcap, eps_rows_on, lam_rows_on, has_mix, has_w, adaptive_mode, loss_rows_on,
     SP: tl.constexpr,  # S rounded up to a power of two
     KP: tl.constexpr,
     DENSE: tl.constexpr,  # dense similarity (D_b has its own dense part)
@@ -612,8 +613,9 @@ def _merge_kernel(
         loss, Wt, lse, eps_i, conf, pz = _finalize(
             m, d, s, Da, Db, za, zb, row, valid, y_a, y_b, has_mix,
             W, MASS, SP_IDX, SP_VAL, K, has_w, DENSE,
-            EPS_ROWS, eps, eps_rows_on, LAM_ROWS, lam, lam_rows_on,
-            adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, cp, NEED_PZ, KP,
+            EPS_ROWS, smoothing, eps_rows_on, LAM_ROWS, mix_lambda, lam_rows_on,
+            adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty, NEED_PZ,
+            KP,
         )  # fmt: skip
         _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, loss_rows_on)
     else:
@@ -625,7 +627,7 @@ def _grad_kernel(
     X, stride_x, OUT, stride_o,  # logits and gradient [N, C] (OUT may be X)
     Y_A, Y_B, W, R, stride_r, MASS, SP_IDX, SP_VAL, K,
     LAM_ROWS, GO, PACK,  # per-sample λ, upstream gradient [N | 1], pack [N+1, 8]
-    C, col_offset, ignore_index, r0, lam, z_loss, cp, softcap,
+    C, col_offset, ignore_index, r0, mix_lambda, z_loss, confidence_penalty, softcap,
     lam_rows_on, has_mix, has_w, go_per_row, go_mean, N, cols_per_split,
     BLOCK: tl.constexpr, KP: tl.constexpr, POINT_CHUNK: tl.constexpr,
     R_MODE: tl.constexpr, HAS_B: tl.constexpr, NEED_PZ: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -649,7 +651,7 @@ def _grad_kernel(
     pz = tl.load(PACK + row * 8 + 2)
     coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b = _grad_coefs(
         lse, eps, go, row, valid, y_a, y_b, has_mix, W, MASS, SP_IDX, SP_VAL, K, has_w,
-        R_MODE == 2, LAM_ROWS, lam, lam_rows_on, z_loss, cp, KP,
+        R_MODE == 2, LAM_ROWS, mix_lambda, lam_rows_on, z_loss, confidence_penalty, KP,
     )  # fmt: skip
     if R_MODE == 2:
         ra_row = R + y_a * stride_r + col_offset
@@ -666,7 +668,7 @@ def _grad_kernel(
         rb_row = ra_row
     _grad_row(
         X + row * stride_x, OUT + row * stride_o, lo, hi, C, col_offset, ra_row, rb_row,
-        r_scale, 1.0, lse, pz, coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b, go,
+        r_scale, lse, pz, coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b, go,
         y_a, y_b, has_mix, W, SP_IDX, SP_VAL, K, has_w, softcap,
         R_MODE, HAS_B, NEED_PZ, HAS_SOFTCAP, BLOCK, KP, POINT_CHUNK,
     )  # fmt: skip

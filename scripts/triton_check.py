@@ -39,12 +39,12 @@ KP = 8  # the point masses: two targets and up to 3 sparse neighbours each
 POINTERS_I64 = {"Y_A", "Y_B", "SP_IDX"}
 FLOAT_SCALARS = {
     "r0",
-    "eps",
-    "lam",
+    "smoothing",
+    "mix_lambda",
     "adaptive_threshold",
     "adaptive_factor",
     "z_loss",
-    "cp",
+    "confidence_penalty",
     "softcap",
 }
 

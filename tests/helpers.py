@@ -95,10 +95,10 @@ def _within(ours, ref, tol, what):
 def problem(x: torch.Tensor, target: torch.Tensor, num_classes=None, col_offset=0, **kw):
     """The ``Problem`` (fused_ls._problem) of the keywords ``kw`` for logits x [N, C] that hold
     the columns [col_offset, col_offset + C) of ``num_classes`` (default: all of them)."""
-    from fused_ls._api import make_problem
+    from fused_ls._entry import make_problem
     from fused_ls._options import parse_options
 
-    opts = parse_options(**kw)
+    opts = parse_options(fused_ls.label_smoothing_cross_entropy, kw)
     C = num_classes if num_classes is not None else x.shape[1]
     acc = fused_ls.backends.acc_dtype(x.dtype)
     return make_problem(opts, target, target.shape, acc, x, C, col_offset)

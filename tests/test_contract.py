@@ -343,7 +343,7 @@ def test_auto_on_cuda_orders_by_size(monkeypatch):
     """On CUDA "auto" takes the C++ op (lowest host cost per call) for fewer logits than
     SMALL_LOGITS and Triton (fastest on the logits) from there; each falls back to the next that
     can serve. The order is checked with every backend declared able (no GPU needed)."""
-    from fused_ls import backends
+    from fused_ls.backends import registry as backends
 
     able = {"triton", "cuda", "torch"}
     monkeypatch.setattr(backends, "reasons_for", lambda name, req: [] if name in able else ["x"])

@@ -24,8 +24,9 @@ import warnings
 
 import torch
 
-from .._problem import Problem
-from . import Backend, Request, register
+from .. import build
+from .._problem import Problem, fake_loss_pack, fake_stats
+from .registry import Backend, Request, register
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _state: dict[str, object] = {}
@@ -35,8 +36,6 @@ def load_extension() -> str | None:
     """Load ``fused_ls._C`` once; None on success, else why it is not usable (warned once)."""
     if "error" not in _state:
         try:
-            from fused_ls import build
-
             build.load()  # the ahead-of-time or the cached first-use build (compiled if need be)
             _state["error"] = None
             _register_fakes()
@@ -51,15 +50,16 @@ def load_extension() -> str | None:
 
 
 def _register_fakes() -> None:
-    # The kernel-level ops have the same outputs as the fused_ls:: ops (fused_ls._ops).
-    from .. import _ops
-
-    def fake(kind):
-        impl = getattr(_ops, f"_fake_{kind}")
-        return lambda *args: impl(*args, "cpp")  # the fakes ignore the backend argument
-
-    for kind in ("forward", "backward", "forward_backward", "row_stats", "finalize"):
-        torch.library.register_fake(f"fused_ls::ext_{kind}", fake(kind))
+    # The kernel-level ops have the outputs of the fused_ls:: ops (fused_ls._problem's shapes).
+    ops = {
+        "forward": lambda x, *p: fake_loss_pack(x, x.shape[0], Problem(*p)),
+        "backward": lambda grad_loss, x, out, pack, *p: None,
+        "forward_backward": lambda x, out, go, *p: fake_loss_pack(x, x.shape[0], Problem(*p)),
+        "row_stats": lambda x, *p: fake_stats(x),
+        "finalize": lambda stats, *p: fake_loss_pack(stats, stats.shape[0], Problem(*p)),
+    }
+    for kind, fake in ops.items():
+        torch.library.register_fake(f"fused_ls::ext_{kind}", fake)
     torch.library.register_fake("fused_ls::ext_accumulate_", lambda acc, src, add: None)
     torch.library.register_fake("fused_ls::ext_scaled_copy_", lambda out, src, scale: None)
 

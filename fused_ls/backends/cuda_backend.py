@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import register
 from .cpp_backend import ExtensionBackend, load_extension
+from .registry import register
 
 
 def has_cuda_kernels() -> bool:

@@ -42,9 +42,9 @@ from .._problem import (
     WIDTH,
     Problem,
     argmax_bits_dtype,
+    validate,
 )
-from .._smoothing import check
-from . import Backend, acc_dtype, register
+from .registry import Backend, acc_dtype, register
 
 # Elements per chunk: 2**19 fp32 values = 2 MiB per workspace buffer, so that the several
 # passes over a chunk mostly hit the cache. Measured on the 2-core CPU at N=4096, C=32000 fp32
@@ -109,39 +109,6 @@ class _Cols(NamedTuple):
         yl = y - self.lo
         inr = (yl >= 0) & (yl < self.n)
         return yl.clamp(0, self.n - 1), inr
-
-
-def validate(p: Problem) -> None:
-    """The data-dependent checks the compiled kernels make in their statistics pass."""
-    C, y = p.num_classes, p.target
-    valid = y != p.ignore_index
-    bad = valid & ((y < 0) | (y >= C))
-    check(
-        bad,
-        IndexError,
-        lambda: (
-            f"target contains {int(y[bad][0])}, outside [0, {C}) and not "
-            f"ignore_index={p.ignore_index}"
-        ),
-    )
-    if p.mix_target is not None:
-        yb = p.mix_target
-        bad = valid & ((yb < 0) | (yb >= C))
-        check(
-            bad,
-            IndexError,
-            lambda: f"mix_target contains {int(yb[bad][0])} on a non-ignored row, outside [0, {C})",
-        )
-    for name, t in (("smoothing", p.eps_rows), ("mix_lambda", p.mix_rows)):
-        if t is not None:
-            bad = ~((t >= 0) & (t <= 1))  # NaN is bad too
-            check(
-                bad,
-                ValueError,
-                lambda t=t, bad=bad, name=name: (
-                    f"{name} (per-sample tensor) must lie in [0, 1]; found {float(t[bad][0])}"
-                ),
-            )
 
 
 def _sparse_terms(p: Problem, y: Tensor, acc) -> tuple[Tensor, Tensor]:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 
-from .._problem import R_MEAN, R_NONE, WIDTH, Problem
-from . import FORWARD_BACKWARD_MEAN, Backend, Request, register
-from .torch_backend import validate
+from .._problem import R_MEAN, R_NONE, WIDTH, Problem, validate
+from .registry import FORWARD_BACKWARD_MEAN, Backend, Request, register
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -65,43 +65,90 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-class _Args:
-    """The kernel arguments shared by the launches of one call (absent tensors → any valid
-    pointer of the right type, never read)."""
+# The Problem's scalars, passed to the kernels under their own names (the kernels' parameters of
+# these names are the Problem's fields).
+_PROBLEM_SCALARS = (
+    "r0",
+    "smoothing",
+    "ignore_index",
+    "adaptive_threshold",
+    "adaptive_factor",
+    "adaptive_mode",
+    "z_loss",
+    "softcap",
+    "confidence_penalty",
+    "mix_lambda",
+    "col_offset",
+    "num_classes",
+)
 
-    def __init__(self, x: torch.Tensor, p: Problem):
-        f32 = torch.float32
-        self.p = p
-        self.dummy = p.mass
-        self.y_a = p.target
-        self.y_b = p.mix_target if p.mix_target is not None else p.target
-        self.w = p.weight if p.weight is not None else p.mass
-        self.R = p.R if p.R is not None else p.mass
-        self.stride_r = p.R.stride(0) if p.R is not None else 0
-        self.K = p.sp_idx.shape[1] if p.sp_idx is not None else 0
-        self.sp_idx = p.sp_idx if p.sp_idx is not None else p.target
-        self.sp_val = p.sp_val if p.sp_val is not None else p.mass
-        self.eps_rows = p.eps_rows.to(f32) if p.eps_rows is not None else p.mass
-        self.lam_rows = p.mix_rows.to(f32) if p.mix_rows is not None else p.mass
-        self.r_mode = 2 if p.R is not None else (1 if p.weight is not None else 0)
-        self.kp = _next_pow2(2 * self.K + 2)
-        self.cols, self.splits, self.block, self.warps = launch_config(x.shape[1])
-        self.common = dict(
-            num_warps=self.warps,
-            # device-side asserts for the target / per-sample checks (CUDA; the interpreter is
-            # checked in Python); integer-overflow sanitising stays off
-            debug=True,
-            sanitize_overflow=False,
-        )
 
-    def flags(self):
-        p = self.p
-        return dict(
-            R_MODE=self.r_mode,
-            HAS_B=p.R is not None and p.mix_target is not None,
-            NEED_PZ=p.confidence_penalty != 0.0,
-            HAS_SOFTCAP=p.softcap > 0,
-        )
+@functools.cache
+def _param_names(kernel) -> tuple[str, ...]:
+    return tuple(inspect.signature(kernel.fn).parameters)
+
+
+def _launch(kernel, grid, values: dict, **options) -> None:
+    """``kernel[grid]`` with every parameter passed by keyword, taken by name from ``values`` (the
+    arguments of one call: a superset of what any one kernel takes); a parameter that ``values``
+    lacks raises instead of shifting the others."""
+    names = _param_names(kernel)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise TypeError(f"{kernel.fn.__name__}: no value for {missing}")
+    kernel[grid](**{n: values[n] for n in names}, **options)
+
+
+def _call_values(x: torch.Tensor, p: Problem) -> dict:
+    """The kernel arguments shared by the launches of one call, by parameter name (absent tensors
+    → any valid pointer of the right type, never read)."""
+    f32 = torch.float32
+    cols, splits, block, warps = launch_config(x.shape[1])
+    K = p.sp_idx.shape[1] if p.sp_idx is not None else 0
+    v = {f: getattr(p, f) for f in _PROBLEM_SCALARS}
+    v.update(
+        X=x,
+        stride_x=x.stride(0),
+        C=x.shape[1],
+        Y_A=p.target,
+        Y_B=p.mix_target if p.mix_target is not None else p.target,
+        W=p.weight if p.weight is not None else p.mass,
+        R=p.R if p.R is not None else p.mass,
+        stride_r=p.R.stride(0) if p.R is not None else 0,
+        MASS=p.mass,
+        SP_IDX=p.sp_idx if p.sp_idx is not None else p.target,
+        SP_VAL=p.sp_val if p.sp_val is not None else p.mass,
+        K=K,
+        EPS_ROWS=p.eps_rows.to(f32) if p.eps_rows is not None else p.mass,
+        LAM_ROWS=p.mix_rows.to(f32) if p.mix_rows is not None else p.mass,
+        eps_rows_on=int(p.eps_rows is not None),
+        lam_rows_on=int(p.mix_rows is not None),
+        has_mix=int(p.mix_target is not None),
+        has_w=int(p.weight is not None),
+        go_per_row=int(p.reduction == R_NONE),
+        loss_rows_on=int(p.reduction == R_NONE),
+        S=splits,
+        cols_per_split=cols,
+        BLOCK=block,
+        KP=_next_pow2(2 * K + 2),
+        R_MODE=2 if p.R is not None else (1 if p.weight is not None else 0),
+        HAS_B=p.R is not None and p.mix_target is not None,
+        DENSE=p.R is not None,
+        NEED_PZ=p.confidence_penalty != 0.0,
+        HAS_SOFTCAP=p.softcap > 0,
+        NEED_STATS=p.need_stats,
+    )
+    # outputs and optional inputs of the launches: a valid pointer unless a launch sets them
+    for name in ("OUT", "GO", "PACK", "LOSS", "STATS", "PART"):
+        v[name] = p.mass
+    v["stride_o"] = 0
+    v["num_warps"] = warps
+    return v
+
+
+# device-side asserts for the target / per-sample checks (CUDA; the interpreter is checked in
+# Python); integer-overflow sanitising stays off
+_ASSERTS = dict(debug=True, sanitize_overflow=False)
 
 
 class TritonBackend(Backend):
@@ -139,65 +186,37 @@ class TritonBackend(Backend):
         return reasons
 
     # ---- launches ----------------------------------------------------------------------------
-    def _rows(self, x, a: _Args, *, pack, loss, stats, part, out, go, finalize, grad, stats_out):
+    def _rows(self, v: dict, *, finalize=False, grad=False, stats_out=False, **outs) -> None:
+        """_rows_kernel over grid (N, S) with the call's values ``v`` and the outputs ``outs``."""
         k, _ = _load()
-        p = a.p
-        n, c = x.shape
-        k._rows_kernel[(n, a.splits)](
-            x, x.stride(0),
-            out if out is not None else x, out.stride(0) if out is not None else 0,
-            a.y_a, a.y_b, a.w, a.R, a.stride_r, p.mass, a.sp_idx, a.sp_val, a.K,
-            a.eps_rows, a.lam_rows, go if go is not None else a.dummy,
-            pack if pack is not None else a.dummy,
-            loss if loss is not None else a.dummy,
-            stats if stats is not None else a.dummy,
-            part if part is not None else a.dummy,
-            c, p.col_offset, p.num_classes, p.ignore_index,
-            p.r0, p.smoothing, p.mix_lambda, p.adaptive_threshold, p.adaptive_factor,
-            p.z_loss, p.confidence_penalty, p.softcap,
-            int(p.eps_rows is not None), int(p.mix_rows is not None), int(p.mix_target is not None),
-            int(p.weight is not None), p.adaptive_mode,
-            int(p.reduction == R_NONE), int(p.reduction == R_NONE), a.splits, a.cols,
-            BLOCK=a.block, KP=a.kp, POINT_CHUNK=k.POINT_CHUNK,
-            FINALIZE=finalize, GRAD=grad, STATS_OUT=stats_out, NEED_STATS=p.need_stats,
-            **a.flags(), **a.common,
-        )  # fmt: skip
+        n = v["X"].shape[0]
+        args = {**v, **outs, "FINALIZE": finalize, "GRAD": grad, "STATS_OUT": stats_out}
+        args["POINT_CHUNK"] = k.POINT_CHUNK
+        if "OUT" in outs:
+            args["stride_o"] = outs["OUT"].stride(0)
+        _launch(k._rows_kernel, (n, v["S"]), args, num_warps=v["num_warps"], **_ASSERTS)
 
-    def _partials(self, x, a: _Args):
+    def _partials(self, v: dict):
         """The per-split statistics [N, splits, 8] of rows split over programs (merged next)."""
-        part = torch.zeros(x.shape[0], a.splits, WIDTH, dtype=torch.float32, device=x.device)
-        self._rows(
-            x, a, pack=None, loss=None, stats=None, part=part, out=None, go=None,
-            finalize=False, grad=False, stats_out=False,
-        )  # fmt: skip
+        x = v["X"]
+        part = torch.zeros(x.shape[0], v["S"], WIDTH, dtype=torch.float32, device=x.device)
+        self._rows(v, PART=part)
         return part
 
-    def _merge(self, x, a: _Args, part, splits, *, pack, loss, stats, gather, finalize):
+    def _merge(self, v: dict, part, splits, *, gather, finalize, **outs) -> None:
+        """_merge_kernel over the rows: the ``splits`` partials of each row in ``part`` (the
+        statistics themselves with splits = 1 and ``gather`` off)."""
         k, _ = _load()
-        p = a.p
-        n = part.shape[0]
-        k._merge_kernel[(n,)](
-            x if x is not None else part, x.stride(0) if x is not None else 0, part, splits,
-            a.y_a, a.y_b, a.w, p.mass, a.sp_idx, a.sp_val, a.K,
-            a.eps_rows, a.lam_rows,
-            pack if pack is not None else a.dummy,
-            loss if loss is not None else a.dummy,
-            stats if stats is not None else a.dummy,
-            x.shape[1] if x is not None else 0, p.col_offset, p.num_classes, p.ignore_index,
-            p.smoothing, p.mix_lambda, p.adaptive_threshold, p.adaptive_factor, p.z_loss,
-            p.confidence_penalty, p.softcap,
-            int(p.eps_rows is not None), int(p.mix_rows is not None), int(p.mix_target is not None),
-            int(p.weight is not None), p.adaptive_mode, int(p.reduction == R_NONE),
-            SP=_next_pow2(splits), KP=a.kp, DENSE=p.R is not None,
-            NEED_PZ=p.confidence_penalty != 0.0, HAS_SOFTCAP=p.softcap > 0,
-            GATHER=gather, FINALIZE=finalize, num_warps=1, debug=True, sanitize_overflow=False,
-        )  # fmt: skip
+        args = {**v, **outs, "PART": part, "S": splits, "SP": _next_pow2(splits)}
+        args.update(GATHER=gather, FINALIZE=finalize)
+        if not gather:  # no logits: the statistics hold the target and sparse terms
+            args.update(X=part, stride_x=0, C=0)
+        _launch(k._merge_kernel, (part.shape[0],), args, num_warps=1, **_ASSERTS)
 
     def _reduce(self, pack, loss, p: Problem):
         k, _ = _load()
-        k._reduce_kernel[(1,)](
-            pack, loss, pack.shape[0] - 1, p.reduction, BLOCK=k.REDUCE_BLOCK, num_warps=4
-        )
+        args = dict(PACK=pack, LOSS=loss, N=pack.shape[0] - 1, reduction=p.reduction)
+        _launch(k._reduce_kernel, (1,), {**args, "BLOCK": k.REDUCE_BLOCK}, num_warps=4)
 
     def _outputs(self, x, p: Problem):
         n = x.shape[0]
@@ -215,20 +234,17 @@ class TritonBackend(Backend):
         if n == 0:
             self._reduce(pack, loss, p)
             return loss, pack
-        a = _Args(x, p)
+        v = _call_values(x, p)
         with _device_guard(x):
-            if a.splits == 1:
-                self._rows(
-                    x, a, pack=pack, loss=loss, stats=None, part=None, out=out, go=go,
-                    finalize=True, grad=out is not None, stats_out=False,
-                )  # fmt: skip
+            if v["S"] == 1:
+                grad = {} if out is None else {"OUT": out, "GO": go}
+                self._rows(v, finalize=True, grad=out is not None, PACK=pack, LOSS=loss, **grad)
             else:
                 self._merge(
-                    x, a, self._partials(x, a), a.splits, pack=pack, loss=loss, stats=None,
-                    gather=True, finalize=True,
-                )  # fmt: skip
+                    v, self._partials(v), v["S"], gather=True, finalize=True, PACK=pack, LOSS=loss
+                )
                 if out is not None:
-                    self._grad(x, out, go, pack, p, a, mean=False)
+                    self._grad(v, out, go, pack, mean=False)
             self._reduce(pack, loss, p)
         return loss, pack
 
@@ -249,18 +265,12 @@ class TritonBackend(Backend):
         stats = torch.zeros(n, WIDTH, dtype=torch.float32, device=x.device)
         if n == 0:
             return stats
-        a = _Args(x, p)
+        v = _call_values(x, p)
         with _device_guard(x):
-            if a.splits == 1:
-                self._rows(
-                    x, a, pack=None, loss=None, stats=stats, part=None, out=None, go=None,
-                    finalize=False, grad=False, stats_out=True,
-                )  # fmt: skip
+            if v["S"] == 1:
+                self._rows(v, stats_out=True, STATS=stats)
             else:
-                self._merge(
-                    x, a, self._partials(x, a), a.splits, pack=None, loss=None, stats=stats,
-                    gather=True, finalize=False,
-                )  # fmt: skip
+                self._merge(v, self._partials(v), v["S"], gather=True, finalize=False, STATS=stats)
         return stats
 
     def finalize(self, stats, p: Problem):
@@ -268,31 +278,21 @@ class TritonBackend(Backend):
             validate(p)
         loss, pack = self._outputs(stats, p)
         if stats.shape[0]:
-            a = _Args(stats[:, :1], p)
+            v = _call_values(stats[:, :1], p)
             with _device_guard(stats):
                 self._merge(
-                    None, a, stats.contiguous(), 1, pack=pack, loss=loss, stats=None,
-                    gather=False, finalize=True,
-                )  # fmt: skip
+                    v, stats.contiguous(), 1, gather=False, finalize=True, PACK=pack, LOSS=loss
+                )
         with _device_guard(stats):
             self._reduce(pack, loss, p)
         return loss, pack
 
-    def _grad(self, x, out, go, pack, p: Problem, a: _Args, mean: bool):
+    def _grad(self, v: dict, out, go, pack, mean: bool):
         k, _ = _load()
-        n, c = x.shape
-        k._grad_kernel[(n, a.splits)](
-            x, x.stride(0), out, out.stride(0),
-            a.y_a, a.y_b, a.w, a.R, a.stride_r, p.mass, a.sp_idx, a.sp_val, a.K,
-            a.lam_rows, go, pack,
-            c, p.col_offset, p.ignore_index, p.r0, p.mix_lambda, p.z_loss,
-            p.confidence_penalty, p.softcap,
-            int(p.mix_rows is not None), int(p.mix_target is not None), int(p.weight is not None),
-            int(p.reduction == R_NONE), int(mean), n,
-            a.cols,
-            BLOCK=a.block, KP=a.kp, POINT_CHUNK=k.POINT_CHUNK, **a.flags(),
-            num_warps=a.warps,
-        )  # fmt: skip
+        x = v["X"]
+        args = {**v, "OUT": out, "stride_o": out.stride(0), "GO": go, "PACK": pack}
+        args.update(go_mean=int(mean), N=x.shape[0], POINT_CHUNK=k.POINT_CHUNK)
+        _launch(k._grad_kernel, (x.shape[0], v["S"]), args, num_warps=v["num_warps"])
 
     def backward(self, grad_loss, x, out, pack, p: Problem) -> None:
         n = x.shape[0]
@@ -301,7 +301,7 @@ class TritonBackend(Backend):
         assert out.shape == x.shape and (out.stride(1) == 1 or x.shape[1] == 1)
         go = grad_loss.to(torch.float32).reshape(-1).contiguous()
         with _device_guard(x):
-            self._grad(x, out, go, pack, p, _Args(x, p), mean=p.reduction == R_MEAN)
+            self._grad(_call_values(x, p), out, go, pack, mean=p.reduction == R_MEAN)
 
 
 register(TritonBackend())

@@ -63,6 +63,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import unwrap_peft_model
 
 import fused_ls
+from fused_ls._options import HEAD_KEYWORDS, keyword_values, takes_keywords
 
 __all__ = [
     "FusedLSTrainer",
@@ -78,7 +79,12 @@ _RESERVED = {
     "reduction": "the reduction follows ForCausalLMLoss (sum / num_items_in_batch, else mean)",
     "linear_bias": "the bias is the head's own (lm_head.bias)",
     "return_stats": "the forward returns a loss; call the fused function directly for Stats",
+    "mix_target": "mixup targets are per batch, not an option of the model",
+    "mix_lambda": "mixup's λ goes with mix_target, per batch",
 }
+# The keywords apply_fused_ls takes: the fused head's, but those the integration sets itself.
+_OPTIONS = tuple(k for k in HEAD_KEYWORDS if k not in _RESERVED)
+assert set(_RESERVED) <= set(HEAD_KEYWORDS) | {"linear_bias"}
 
 
 class UnsupportedModelError(ValueError):
@@ -414,6 +420,7 @@ def _fused_forward(self, *args, **kwargs):
     return spec.output_cls(loss=loss, logits=logits, **fields)
 
 
+@takes_keywords(_OPTIONS)
 def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Module:
     """Patch a causal LM instance so that its loss is fused label-smoothed cross-entropy on the
     final hidden states and the head's weight, without building the logits.
@@ -444,6 +451,7 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
             "apply_fused_ls: these keywords are set by the integration: "
             + "; ".join(f"{k}: {why}" for k, why in clash.items())
         )
+    keyword_values(apply_fused_ls, options)  # names it does not take: TypeError
     # validation of ε and the options: the fused function's own, on one row
     with torch.no_grad():
         row = head.weight.new_zeros(1, head.weight.shape[1])
