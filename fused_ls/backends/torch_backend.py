@@ -80,7 +80,10 @@ class _Workspace:
 def _capped(x: Tensor, acc: torch.dtype, softcap: float, ws: _Workspace) -> Tensor:
     """z = softcap·tanh(x/softcap) in the accumulation dtype; a view of x when nothing changes."""
     if softcap > 0:
-        z = torch.div(x, softcap, out=ws("z", x.shape[0]))
+        # x/softcap in the accumulation dtype: torch.div(x, softcap, out=<fp32>) would divide in
+        # x's own dtype and round the quotient to bf16/fp16 before tanh
+        z = ws("z", x.shape[0])
+        z = torch.div(x, softcap, out=z) if x.dtype == acc else z.copy_(x).div_(softcap)
         return z.tanh_().mul_(softcap)
     if x.dtype == acc:
         return x
