@@ -7,7 +7,8 @@
 // Layouts (fused_ls/_problem.py; "acc" = the accumulation dtype, double for fp64 logits, else
 // float; every per-row tensor is contiguous):
 //   stats [N, 8]:      m | d = Σ exp(z − m) | s = Σ exp(z − m)·z | D_a | D_b | z_ya | z_yb | argmax
-//   pack  [N + 1, 8]:  lse | ε_i | Σ p·z | max p | argmax | loss_i | W_i | 0;  row N: ΣW | Σloss
+//   pack  [N + 1, 8]:  lse | ε_i | Σ p·z | max p | argmax | loss_i | W_i | log p_y;  row N: ΣW | Σloss
+// (s and Σ p·z only with the confidence penalty or need_stats, else 0)
 // (the argmax columns hold the integer's bits: int32 in a float, int64 in a double).
 #pragma once
 
@@ -22,7 +23,7 @@ enum class Dtype : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
 // Column indices of the layouts above.
 enum StatsCol : int { S_M = 0, S_D, S_S, S_DA, S_DB, S_ZA, S_ZB, S_ARG };
-enum PackCol : int { P_LSE = 0, P_EPS, P_PZ, P_CONF, P_ARG, P_LOSS, P_W };
+enum PackCol : int { P_LSE = 0, P_EPS, P_PZ, P_CONF, P_ARG, P_LOSS, P_W, P_LOGP };
 constexpr int kWidth = 8;
 enum Reduction : int { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };
 

@@ -307,7 +307,7 @@ FLS_HD void target_stats(const RowArgs& a, int64_t i, T dense_a, T dense_b, ZAt 
 
 template <typename T>
 struct Final {
-  T loss, W, lse, eps, conf, pz;
+  T loss, W, lse, eps, conf, pz, logp;  // logp = z_y − lse, log p at the target (0 if ignored)
 };
 
 // ---- the stats and pack rows (args.h's layouts) -------------------------------------------------
@@ -372,18 +372,23 @@ FLS_HD void store_pack(T* pr, const Final<T>& f, int64_t arg) {
   pr[P_ARG] = to_bits<T>(arg);
   pr[P_LOSS] = f.loss;
   pr[P_W] = f.W;
-  pr[7] = T(0);
+  pr[P_LOGP] = f.logp;
 }
+
+// Whether the statistics gather s = Σ exp(z − m)·z: for the confidence penalty, and for the
+// entropy H = lse − Σp·z that return_stats reports.
+FLS_HD bool gathers_s(const RowArgs& a) { return a.cp != 0 || a.need_stats; }
 
 template <typename T>
 FLS_HD Final<T> finalize_row(const RowArgs& a, int64_t i, const Stats<T>& st) {
   Final<T> f;
   f.lse = finish_lse(SoftmaxState<T>{st.m, st.d, st.s});
   f.conf = max_prob(st.m, st.d, f.lse);
-  f.pz = a.cp != 0 ? st.s / st.d : T(0);
-  f.loss = f.W = f.eps = T(0);
+  f.pz = gathers_s(a) ? st.s / st.d : T(0);
+  f.loss = f.W = f.eps = f.logp = T(0);
   const int64_t ya = a.y_a[i];
   if (ya == a.ignore_index) return f;
+  f.logp = st.za - f.lse;
   T eps = a.eps_rows ? at<T>(a.eps_rows, i) : T(a.eps);
   if (a.adaptive_mode != 0) {
     // the row's own detached confidence: max p, or p at the target

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import _smoothing
 from ._options import LossOptions, Stats, class_indices, parse_options
-from ._problem import P_ARG, P_CONF, P_LSE, Problem, argmax_bits_dtype
+from ._problem import P_ARG, P_CONF, P_LOGP, P_LSE, P_PZ, Problem, argmax_bits_dtype
 
 
 def make_problem(
@@ -47,11 +47,17 @@ def make_problem(
 
 
 def stats_from_pack(pack: Tensor, shape) -> Stats:
-    """``Stats`` (lse, confidence, prediction) of the target's shape from a row pack."""
+    """``Stats`` of the target's shape from a row pack."""
     n = pack.shape[0] - 1
     arg = pack.view(argmax_bits_dtype(pack.dtype))[:n, P_ARG].long()
+    lse = pack[:n, P_LSE]
+    entropy = lse - pack[:n, P_PZ]
     return Stats(
-        pack[:n, P_LSE].reshape(shape), pack[:n, P_CONF].reshape(shape), arg.reshape(shape)
+        lse.reshape(shape),
+        pack[:n, P_CONF].reshape(shape),
+        arg.reshape(shape),
+        entropy.reshape(shape),
+        pack[:n, P_LOGP].reshape(shape),
     )
 
 

@@ -34,6 +34,8 @@ class Stats(NamedTuple):
     lse: Tensor  #: log-sum-exp of the (soft-capped) logits
     confidence: Tensor  #: max softmax probability
     prediction: Tensor  #: argmax class (int64)
+    entropy: Tensor  #: H(p) = lse − Σ p·z of the softmax distribution (nats)
+    logprob: Tensor  #: log p at the target class, z_y − lse (0 on ignored rows)
 
 
 class ConfidenceAdaptive:
@@ -379,7 +381,8 @@ KEYWORDS: dict[str, Keyword] = {
             "return_stats",
             False,
             "bool",
-            "also return ``Stats`` (lse, confidence, prediction) of the target's shape.",
+            "also return ``Stats`` (lse, confidence, prediction, entropy, logprob) of the target's "
+            "shape.",
         ),
         Keyword(
             "backend",

@@ -18,10 +18,13 @@ the first set holding m.
 
 Row pack (``forward``/``finalize``; saved for backward), [N + 1, 8] accumulation dtype:
 
-    PACK rows < N: lse | ε_i (after adaptive) | Σ p·z | max p | argmax (bits) | loss_i | W_i | 0
+    PACK rows < N: lse | ε_i (adaptive) | Σ p·z | max p | argmax (bits) | loss_i | W_i | logp_y
+
+(Σ p·z, and s in the statistics, only with the confidence penalty or need_stats; else 0.)
     PACK row N:    Σ W_i (the mean's denominator) | Σ loss_i | 0 ...
 
-W_i = w_{y_a} (λ·w_{y_a} + (1 − λ)·w_{y_b} with mixup), 0 on ignored rows.
+W_i = w_{y_a} (λ·w_{y_a} + (1 − λ)·w_{y_b} with mixup), 0 on ignored rows; log p_y = z_{y_a} − lse,
+the log-probability of the target (0 on ignored rows).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import Tensor
 
 # column indices
 S_M, S_D, S_S, S_DA, S_DB, S_ZA, S_ZB, S_ARG = range(8)
-P_LSE, P_EPS, P_PZ, P_CONF, P_ARG, P_LOSS, P_W = range(7)
+P_LSE, P_EPS, P_PZ, P_CONF, P_ARG, P_LOSS, P_W, P_LOGP = range(8)
 T_W, T_LOSS = 0, 1  # columns of the totals row N
 WIDTH = 8
 

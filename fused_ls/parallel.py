@@ -115,10 +115,10 @@ def _all_gather(out: Tensor, inp: Tensor, group) -> None:
 
 
 def _columns(p: Problem) -> list[int]:
-    """The statistics the sum carries (finalisation reads s only with the confidence penalty,
-    D_b and z_yb only with mixup)."""
+    """The statistics the sum carries (finalisation reads s only with the confidence penalty or
+    for Stats' entropy, D_b and z_yb only with mixup)."""
     cols = [S_D, S_DA, S_ZA]
-    if p.confidence_penalty != 0.0:
+    if p.confidence_penalty != 0.0 or p.need_stats:
         cols.append(S_S)
     if p.has_mix:
         cols += [S_DB, S_ZB]
@@ -218,7 +218,7 @@ def merge(stats: Tensor, p: Problem, shard: RankSlice) -> Tensor:
     live = m != float("-inf")
     scale = torch.exp(m - M)
     buf[:, 0] = torch.where(live, stats[:, S_D] * scale, 0)
-    if p.confidence_penalty != 0.0:
+    if S_S in cols:
         k = cols.index(S_S)
         buf[:, k] = torch.where(live, stats[:, S_S] * scale, 0)
     bits = argmax_bits_dtype(acc)

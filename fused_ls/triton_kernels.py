@@ -35,7 +35,8 @@ Kernels (all fp32 accumulation; x and the gradient fp32, bf16 or fp16):
                         of the pack and the "sum"/"mean" loss).
 
 Switches that change the hot loops are constexpr (``R_MODE``, ``HAS_B``: a second dense row for
-mixup, ``NEED_PZ``, ``HAS_SOFTCAP``) as are the phases; the per-row options (per-sample ε and λ,
+mixup, ``NEED_S``: gather Σ exp(z − m)·z, ``NEED_PZ``: the confidence penalty's terms,
+``HAS_SOFTCAP``) as are the phases; the per-row options (per-sample ε and λ,
 adaptive ε, z-loss, mixup, ignore_index) are runtime values read once per row.
 
 Bytes moved (b = bytes per logit): forward N·C·b (+ the R rows from L2), backward 2·N·C·b,
@@ -198,12 +199,12 @@ def _finalize(
     W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE,
     EPS_ROWS, eps, eps_rows_on, LAM_ROWS, lam, lam_rows_on,
     adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, cp,
-    NEED_PZ: tl.constexpr, KP: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_PZ: tl.constexpr, KP: tl.constexpr,
 ):  # fmt: skip
     # (loss, W, lse, ε, max p, Σpz) of one row from its statistics (csrc/rowmath.h finalize_row)
     lse = m + tl.log(d)
     conf = tl.where(d > 0, 1.0 / d, tl.exp(m - lse))  # max p = exp(m − lse) = 1/d
-    if NEED_PZ:
+    if NEED_S:
         pz = s / d
     else:
         pz = 0.0
@@ -393,7 +394,7 @@ def _targets(Y_A, Y_B, row, ignore_index, num_classes):
 
 
 @triton.jit
-def _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, loss_rows_on):
+def _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, logp, loss_rows_on):
     """A finished row: its pack row (fused_ls/_problem.py's layout) and, if asked, loss_i."""
     out = PACK + row * 8
     tl.store(out + 0, lse)
@@ -403,7 +404,7 @@ def _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, loss_
     tl.store(out + 4, arg_bits)
     tl.store(out + 5, loss)
     tl.store(out + 6, Wt)
-    tl.store(out + 7, 0.0)
+    tl.store(out + 7, logp)
     if loss_rows_on != 0:
         tl.store(LOSS + row, loss)
 
@@ -438,7 +439,8 @@ def _rows_kernel(
     BLOCK: tl.constexpr, KP: tl.constexpr, POINT_CHUNK: tl.constexpr,
     R_MODE: tl.constexpr,  # 0: R = r0, 1: R = r0·w, 2: dense rows R[y]
     HAS_B: tl.constexpr,  # a second dense row R[y_b] (mixup with a dense similarity)
-    NEED_PZ: tl.constexpr,  # gather s / apply the γ term (confidence penalty)
+    NEED_S: tl.constexpr,  # gather s = Σ exp(z − m)·z (confidence penalty; the entropy of Stats)
+    NEED_PZ: tl.constexpr,  # the confidence penalty's terms (loss and γ in the gradient)
     HAS_SOFTCAP: tl.constexpr,  # z = softcap · tanh(x / softcap)
     FINALIZE: tl.constexpr,  # S = 1: finalise the row here (pack row, loss_i)
     GRAD: tl.constexpr,  # and then write its gradient (forward_backward)
@@ -494,7 +496,7 @@ def _rows_kernel(
         alpha = tl.exp(m - base)
         e = tl.exp(z - base)
         d = d * alpha + e
-        if NEED_PZ:
+        if NEED_S:
             s = s * alpha + tl.where(e == 0, 0.0, e * z)
         if R_MODE == 0:
             dot_a += tl.where(mask, z, 0.0)
@@ -530,12 +532,13 @@ def _rows_kernel(
                 m, d_row, s_row, Da, Db, za, zb, row, valid, y_a, y_b, has_mix,
                 W, MASS, SP_IDX, SP_VAL, K, has_w, R_MODE == 2,
                 EPS_ROWS, smoothing, eps_rows_on, LAM_ROWS, mix_lambda, lam_rows_on,
-                adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty, NEED_PZ,
-                KP,
+                adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty,
+                NEED_S, NEED_PZ, KP,
             )  # fmt: skip
             _store_pack(
                 PACK, LOSS, row, lse, eps_i, pz, conf,
-                arg.to(tl.int32).to(tl.float32, bitcast=True), loss, Wt, loss_rows_on,
+                arg.to(tl.int32).to(tl.float32, bitcast=True), loss, Wt,
+                tl.where(valid, za - lse, 0.0), loss_rows_on,
             )  # fmt: skip
             if GRAD:
                 if go_per_row != 0:
@@ -574,6 +577,7 @@ def _merge_kernel(
     SP: tl.constexpr,  # S rounded up to a power of two
     KP: tl.constexpr,
     DENSE: tl.constexpr,  # dense similarity (D_b has its own dense part)
+    NEED_S: tl.constexpr,  # the partials hold s (Σpz is finalised)
     NEED_PZ: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     GATHER: tl.constexpr,  # gather the target and sparse terms from X (else the stats hold them)
@@ -614,10 +618,11 @@ def _merge_kernel(
             m, d, s, Da, Db, za, zb, row, valid, y_a, y_b, has_mix,
             W, MASS, SP_IDX, SP_VAL, K, has_w, DENSE,
             EPS_ROWS, smoothing, eps_rows_on, LAM_ROWS, mix_lambda, lam_rows_on,
-            adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty, NEED_PZ,
-            KP,
+            adaptive_mode, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty, NEED_S,
+            NEED_PZ, KP,
         )  # fmt: skip
-        _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, loss_rows_on)
+        logp = tl.where(valid, za - lse, 0.0)  # log p at the target
+        _store_pack(PACK, LOSS, row, lse, eps_i, pz, conf, arg_bits, loss, Wt, logp, loss_rows_on)
     else:
         _store_stats(STATS, row, m, d, s, Da, Db, za, zb, arg_bits)
 

@@ -88,13 +88,16 @@ def specialisations():
     base = dict(BLOCK=block, KP=KP, POINT_CHUNK=tk.POINT_CHUNK)
     grid = itertools.product(DTYPES, R_MODES.items(), (False, True), (False, True))
     for dt, (rname, (r_mode, has_b)), pz, cap in grid:
-        flags = dict(R_MODE=r_mode, HAS_B=has_b, NEED_PZ=pz, HAS_SOFTCAP=cap)
+        flags = dict(R_MODE=r_mode, HAS_B=has_b, NEED_S=True, NEED_PZ=pz, HAS_SOFTCAP=cap)
         label = f"{dt} {rname} pz={int(pz)} softcap={int(cap)}"
         # forward_backward with stats: every code path of the rows kernel at once
         phases = dict(FINALIZE=True, GRAD=True, STATS_OUT=False, NEED_STATS=True)
         out.append((f"rows fwd+bwd {label}", "_rows_kernel", {**base, **flags, **phases}, dt,
                     warps, True))  # fmt: skip
-        out.append((f"grad         {label}", "_grad_kernel", {**base, **flags}, dt, warps, False))
+        grad_flags = {k: v for k, v in flags.items() if k != "NEED_S"}  # a statistics flag
+        out.append(
+            (f"grad         {label}", "_grad_kernel", {**base, **grad_flags}, dt, warps, False)
+        )
     for dt, (name, phases) in itertools.product(
         ("fp32", "bf16"),
         {
@@ -103,14 +106,15 @@ def specialisations():
             "partial": dict(FINALIZE=False, GRAD=False, STATS_OUT=False, NEED_STATS=True),
         }.items(),
     ):
-        flags = dict(R_MODE=1, HAS_B=False, NEED_PZ=False, HAS_SOFTCAP=False)
+        flags = dict(R_MODE=1, HAS_B=False, NEED_S=phases["NEED_STATS"], NEED_PZ=False,
+                     HAS_SOFTCAP=False)  # fmt: skip
         out.append((f"rows {name:7s} {dt} Rw", "_rows_kernel", {**base, **flags, **phases}, dt,
                     warps, True))  # fmt: skip
     for dt, dense, pz, (gather, finalize) in itertools.product(
         ("fp32", "bf16"), (False, True), (False, True), ((True, True), (True, False), (False, True))
     ):
-        ce = dict(SP=4, KP=KP, DENSE=dense, NEED_PZ=pz, HAS_SOFTCAP=True, GATHER=gather,
-                  FINALIZE=finalize)  # fmt: skip
+        ce = dict(SP=4, KP=KP, DENSE=dense, NEED_S=pz, NEED_PZ=pz, HAS_SOFTCAP=True,
+                  GATHER=gather, FINALIZE=finalize)  # fmt: skip
         label = (
             f"merge {dt} dense={int(dense)} pz={int(pz)} gather={int(gather)} fin={int(finalize)}"
         )

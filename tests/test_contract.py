@@ -197,9 +197,14 @@ def test_return_stats(backend):
         x3, y[:, None], 0.1, return_stats=True, backend=backend
     )
     assert st.lse.shape == st.confidence.shape == st.prediction.shape == (13, 1)
+    assert st.entropy.shape == (13, 1)
     torch.testing.assert_close(st.lse[:, 0], torch.logsumexp(x, 1))
     torch.testing.assert_close(st.confidence[:, 0], torch.softmax(x, 1).max(1).values)
     assert torch.equal(st.prediction[:, 0], x.argmax(1))
+    entropy = -(torch.softmax(x, 1) * torch.log_softmax(x, 1)).sum(1)
+    torch.testing.assert_close(st.entropy[:, 0], entropy)
+    logp = torch.log_softmax(x, 1).gather(1, y.clamp(min=0)[:, None])[:, 0]
+    torch.testing.assert_close(st.logprob[:, 0], torch.where(y == -100, 0, logp))
     assert not st.lse.requires_grad
 
 

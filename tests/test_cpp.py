@@ -240,6 +240,12 @@ def test_return_stats(dtype):
     torch.testing.assert_close(loss, ref_loss.to(loss.dtype), **tol)
     torch.testing.assert_close(st.lse, torch.logsumexp(z, 1).to(st.lse.dtype), **tol)
     torch.testing.assert_close(st.confidence, z.softmax(1).max(1).values.to(st.lse.dtype), **tol)
+    entropy = -(z.softmax(1) * z.log_softmax(1)).sum(1)
+    torch.testing.assert_close(st.entropy, entropy.to(st.lse.dtype), **tol)
+    logp = z.log_softmax(1).gather(1, target.clamp(min=0)[:, None])[:, 0]
+    torch.testing.assert_close(
+        st.logprob, torch.where(target == -100, 0, logp).to(st.lse.dtype), **tol
+    )
     # the argmax of the kernel's own (accumulation-dtype) z
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     za = kw["softcap"] * torch.tanh(logits.to(acc) / kw["softcap"])

@@ -261,6 +261,10 @@ def test_return_stats(request, split):
             st.confidence, torch.softmax(z, 1).max(1).values.float(), rtol=1e-5, atol=1e-6
         )
         assert torch.equal(st.prediction, torch.argmax(z, 1))
+        entropy = -(torch.softmax(z, 1) * torch.log_softmax(z, 1)).sum(1)
+        torch.testing.assert_close(st.entropy, entropy.float(), rtol=1e-5, atol=1e-5)
+        logp = torch.log_softmax(z, 1).gather(1, y[:, None])[:, 0]
+        torch.testing.assert_close(st.logprob, logp.float(), rtol=1e-5, atol=1e-5)
         assert st.prediction[0] == 7 and st.prediction[1] == 0
         torch.testing.assert_close(loss, reference.cross_entropy(x, y, softcap=softcap).float())
 

@@ -293,7 +293,7 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
       // 1 would otherwise stall on it; prefetches past the row's end do not fault)
       const char* next = reinterpret_cast<const char*>(xr + c0 + kChunk);
       constexpr int64_t step = sizeof(scalar_t);
-      if (a.cp != 0) {
+      if (rm::gathers_s(a)) {
         cv.for_each([&](const Vec& z, int64_t j, int64_t) {
           __builtin_prefetch(next + j * step, 0, 3);
           const Vec e = finite ? rm::exp_no_nan(z - vcm) : rm::rm_exp(z - vcm);
@@ -308,7 +308,7 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
       } else {
         cv.for_each([&](const Vec& z, int64_t, int64_t) { vd += rm::rm_exp(z - vcm); });
       }
-      const acc_t cs = a.cp != 0 ? reduce_sum(vs) : acc_t(0);
+      const acc_t cs = rm::gathers_s(a) ? reduce_sum(vs) : acc_t(0);
       st = rm::merge(st, rm::SoftmaxState<acc_t>{cm, reduce_sum(vd), cs});
     }
   }

@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(KParams p) {
     tail = c0 + nv * V;
   }
   for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) consume(c, xr[c]);
-  if (p.cp == 0) part.st.s = acc_t(0);
+  if (!rm::gathers_s(p)) part.st.s = acc_t(0);
 
   part = block_combine(part);
   // the dense dots in R's units: scale · Σ p[c] z_c (a zero scale is a zero dot)

@@ -23,6 +23,7 @@ from .._problem import (
     P_ARG,
     P_CONF,
     P_EPS,
+    P_LOGP,
     P_LOSS,
     P_LSE,
     P_PZ,
@@ -157,7 +158,7 @@ class TorchBackend(Backend):
         mask = R_loc is not None and (dev.type != "cpu" or bool((R_loc == 0).any()))
         ws = _Workspace(n, c, acc, dev)
         zero = torch.zeros((), dtype=acc, device=dev)
-        need_pz = p.confidence_penalty != 0.0
+        need_pz = p.confidence_penalty != 0.0 or p.need_stats  # Σpz: penalty, Stats.entropy
         for s, e in _chunks(n, c, dev):
             z = _capped(x[s:e], acc, p.softcap, ws)
             st = stats[s:e]
@@ -233,7 +234,7 @@ class TorchBackend(Backend):
             loss = loss + p.z_loss * W * lse * lse
         if p.confidence_penalty != 0.0:
             loss = loss - p.confidence_penalty * W * (lse - pz)
-        else:
+        elif not p.need_stats:
             pz = torch.zeros_like(pz)
         loss = torch.where(valid, loss, 0)
         W = torch.where(valid, W, 0)
@@ -246,6 +247,7 @@ class TorchBackend(Backend):
             (P_ARG, stats[:, S_ARG]),
             (P_LOSS, loss),
             (P_W, W),
+            (P_LOGP, torch.where(valid, stats[:, S_ZA] - lse, 0)),
         ):
             pack[:n, col] = v
         pack[n, T_W] = W.sum()

@@ -134,6 +134,7 @@ def _call_values(x: torch.Tensor, p: Problem) -> dict:
         R_MODE=2 if p.R is not None else (1 if p.weight is not None else 0),
         HAS_B=p.R is not None and p.mix_target is not None,
         DENSE=p.R is not None,
+        NEED_S=p.confidence_penalty != 0.0 or p.need_stats,
         NEED_PZ=p.confidence_penalty != 0.0,
         HAS_SOFTCAP=p.softcap > 0,
         NEED_STATS=p.need_stats,
