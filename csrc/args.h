@@ -69,7 +69,13 @@ struct RowArgs {
   int64_t out_stride;
   const void* go;           // upstream gradient (acc): [N] when go_per_row, else [1]
   bool go_per_row;
-  bool go_mean;             // divide go by pack[N, 0] (the backward of reduction "mean")
+  bool go_mean;             // divide go by pack[N, 0] = Σ W_i (reduction "mean"; forward_backward
+                            // writes Σ W_i there before the rows, from the targets alone)
+  // ext_rescale: `out` holds the gradient for a unit upstream gradient; rows whose go is 1 are
+  // skipped (skip_unit), the others recomputed from x, or, with scale_only (x is out: the logits
+  // are gone), scaled in place: out = go · out in the accumulation dtype, zero staying zero
+  bool skip_unit;
+  bool scale_only;
 };
 
 }  // namespace fused_ls

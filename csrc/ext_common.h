@@ -4,6 +4,7 @@
 //   fused_ls::ext_forward(x, P)                         -> (loss, pack)     statistics + finalisation
 //   fused_ls::ext_backward(grad_loss, x, out!, pack, P)                    gradient into out
 //   fused_ls::ext_forward_backward(x, out!, grad_loss, P) -> (loss, pack)  both in one pass
+//   fused_ls::ext_rescale(grad_loss, x, out!, pack, P)                    unit upstream → grad_loss
 //   fused_ls::ext_row_stats(x, P)                       -> stats           (vocabulary sharding)
 //   fused_ls::ext_finalize(stats, P)                    -> (loss, pack)
 //
@@ -21,6 +22,8 @@
 //                                                      logits, or the stats for ext_finalize)
 //   static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss);
 //                                                      totals row + the reduced loss
+//   static void weights(const RowArgs& a, const at::Tensor& pack);  Σ W_i from the targets into
+//                                                      the totals row, as reduce sums them
 //
 // The N×C logits are never copied.
 #pragma once
@@ -225,17 +228,44 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(const at::Tensor& x, cons
                                                        FLS_PROBLEM_PARAMS) {
   Device::check(x);
   check_logits(x, "x");
-  TORCH_CHECK(reduction != RED_MEAN,
-              "fused_ls: forward_backward needs the upstream gradient in advance: reduction "
-              "'none' or 'sum' (scale a sum by 1/ΣW for a mean)");
   Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
   call.logits(x);
   call.gradient(x, out, grad_loss);
   Device::validate(call.a, call.acc);
   auto outs = call.outputs();
+  if (call.a.reduction == RED_MEAN) {
+    // "mean"'s denominator Σ W_i needs only the targets: into the pack's totals row now, so
+    // that the one pass over the logits can write d(go · mean)/dx
+    call.a.go_mean = true;
+    Device::weights(call.a, std::get<1>(outs));
+  }
   Device::run(call.a, PH_STATS | PH_FINALIZE | PH_GRAD, x);
   Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
   return outs;
+}
+
+// `out` holds the gradient of forward_backward for a unit upstream gradient; make it that of
+// grad_loss (see args.h skip_unit / scale_only): rows whose upstream is 1 are not touched, the
+// others are recomputed from x, or scaled in place when x is out (the logits are gone).
+template <typename Device>
+void rescale_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& out,
+                const at::Tensor& pack, FLS_PROBLEM_PARAMS) {
+  Device::check(x);
+  check_logits(x, "x");
+  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
+  call.logits(x);
+  call.gradient(x, out, grad_loss);
+  TORCH_CHECK(pack.dim() == 2 && pack.size(0) == x.size(0) + 1 && pack.size(1) == kWidth &&
+                  pack.scalar_type() == call.acc,
+              "fused_ls: pack must be [N + 1, 8] in the accumulation dtype");
+  call.a.pack = const_cast<void*>(call.prep(pack, call.acc, "pack"));
+  call.a.skip_unit = true;
+  call.a.scale_only = x.data_ptr() == out.data_ptr();
+  // recomputing: the gradient of go · loss as the backward writes it (÷ Σ W for "mean");
+  // scaling: out already holds the mean's 1/ΣW, so only go
+  call.a.go_mean = call.a.reduction == RED_MEAN && !call.a.scale_only;
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  Device::run(call.a, PH_GRAD, x);
 }
 
 template <typename Device>
@@ -272,6 +302,7 @@ std::tuple<at::Tensor, at::Tensor> finalize_op(const at::Tensor& stats, FLS_PROB
   m.impl("ext_forward", &fused_ls::forward_op<Device>);                        \
   m.impl("ext_backward", &fused_ls::backward_op<Device>);                      \
   m.impl("ext_forward_backward", &fused_ls::forward_backward_op<Device>);      \
+  m.impl("ext_rescale", &fused_ls::rescale_op<Device>);                        \
   m.impl("ext_row_stats", &fused_ls::row_stats_op<Device>);                    \
   m.impl("ext_finalize", &fused_ls::finalize_op<Device>)
 

@@ -252,6 +252,19 @@ FLS_HD T row_lambda(const RowArgs& a, int64_t i) {
   return a.lam_rows ? at<T>(a.lam_rows, i) : T(a.lam);
 }
 
+// W_i, the row's weight in "mean"'s denominator: w_ya (λ·w_ya + (1 − λ)·w_yb with mixup), 0 on
+// ignored rows. It needs only the targets, so Σ W_i is known before any logit is read.
+template <typename T>
+FLS_HD T row_weight(const RowArgs& a, int64_t i) {
+  const int64_t ya = a.y_a[i];
+  if (ya == a.ignore_index) return T(0);
+  const T wa = a.w ? at<T>(a.w, ya) : T(1);
+  if (!a.y_b) return wa;
+  const T lam = row_lambda<T>(a, i);
+  const T wb = a.w ? at<T>(a.w, a.y_b[i]) : T(1);
+  return lam * wa + (T(1) - lam) * wb;
+}
+
 // One dense smoothing row R_y,c over the local columns c: scale · p[c], or the constant scale
 // when p is null (uniform smoothing without class weights). scale = 1 for a dense similarity row
 // (its weights are folded in), r0 otherwise (p = the class weights).
@@ -401,13 +414,12 @@ FLS_HD Final<T> finalize_row(const RowArgs& a, int64_t i, const Stats<T>& st) {
   f.eps = eps;
   const TargetTerms<T> ta = target_terms<T>(a, ya);
   T loss = wmul(ta.w * (T(1) - eps), f.lse - st.za) + wmul(eps, ta.M * f.lse - st.Da);
-  T W = ta.w;
+  const T W = row_weight<T>(a, i);
   if (a.y_b) {
     const T lam = row_lambda<T>(a, i);
     const TargetTerms<T> tb = target_terms<T>(a, a.y_b[i]);
     const T lb = wmul(tb.w * (T(1) - eps), f.lse - st.zb) + wmul(eps, tb.M * f.lse - st.Db);
     loss = wmul(lam, loss) + wmul(T(1) - lam, lb);
-    W = lam * ta.w + (T(1) - lam) * tb.w;
   }
   if (a.z_loss != 0) loss += T(a.z_loss) * W * f.lse * f.lse;
   if (a.cp != 0) loss -= T(a.cp) * W * (f.lse - f.pz);
@@ -431,7 +443,6 @@ FLS_HD Coefs<T> grad_coefs(const RowArgs& a, int64_t i, T lse, T eps, T go) {
   const int64_t ya = a.y_a[i];
   if (ya == a.ignore_index) return k;
   const TargetTerms<T> ta = target_terms<T>(a, ya);
-  T W;
   if (a.y_b) {
     const T lam = row_lambda<T>(a, i);
     const TargetTerms<T> tb = target_terms<T>(a, a.y_b[i]);
@@ -444,14 +455,13 @@ FLS_HD Coefs<T> grad_coefs(const RowArgs& a, int64_t i, T lse, T eps, T go) {
     k.u_b = a.R ? eps * (T(1) - lam) : T(0);
     k.sp_a = eps * lam;
     k.sp_b = eps * (T(1) - lam);
-    W = lam * ta.w + (T(1) - lam) * tb.w;
   } else {
     k.coef = ta.w * (T(1) - eps) + eps * ta.M;
     k.t_a = ta.w * (T(1) - eps);
     k.u_a = eps;
     k.sp_a = eps;
-    W = ta.w;
   }
+  const T W = row_weight<T>(a, i);
   if (a.z_loss != 0) k.coef += T(2) * T(a.z_loss) * W * lse;
   if (a.cp != 0) k.gamma = T(a.cp) * W;
   k.coef = scaled(k.coef, go);
@@ -463,12 +473,24 @@ FLS_HD Coefs<T> grad_coefs(const RowArgs& a, int64_t i, T lse, T eps, T go) {
   return k;
 }
 
-// The upstream gradient of row i: go[i] or go[0], divided by ΣW (pack row N) for "mean".
+// The upstream gradient of row i as given: go[i] or go[0].
+template <typename T>
+FLS_HD T raw_go(const RowArgs& a, int64_t i) {
+  return at<T>(a.go, a.go_per_row ? i : 0);
+}
+
+// The upstream gradient of row i's loss: raw_go, divided by ΣW (pack row N) for "mean".
 template <typename T>
 FLS_HD T row_go(const RowArgs& a, int64_t i) {
-  T go = at<T>(a.go, a.go_per_row ? i : 0);
+  T go = raw_go<T>(a, i);
   if (a.go_mean) go = go / at<T>(a.pack, a.N * kWidth + 0);
   return go;
+}
+
+// ext_rescale on a CPU or GPU row: whether the row is left as it is (its upstream gradient is 1).
+template <typename T>
+FLS_HD bool unit_row(const RowArgs& a, int64_t i) {
+  return a.skip_unit && raw_go<T>(a, i) == T(1);
 }
 
 #if defined(CPU_CAPABILITY) && !defined(__CUDACC__)

@@ -1,11 +1,12 @@
 """The op contract: ``fused_ls::`` custom ops, and the autograd path of the loss.
 
-The loss of DESIGN.md §2 for logits x [N, C] (class dim last) and a ``Problem`` p (see
+The loss of docs/design.md §2 for logits x [N, C] (class dim last) and a ``Problem`` p (see
 ``fused_ls._problem``). Every op takes ``(…, *p, backend)`` and is served by the named backend:
 
     fused_ls::forward(x, p)                      -> (loss, pack)   statistics + finalisation
     fused_ls::backward(grad_loss, x, out!, pack, p)                  gradient into out (may be x)
-    fused_ls::forward_backward(x, out!, grad_loss, p) -> (loss, pack)   both in one call
+    fused_ls::forward_backward(x, out!, grad_loss, p) -> (loss, pack)   both in one pass
+    fused_ls::rescale(grad_loss, x, out!, pack, p)                   out: unit upstream → grad_loss
     fused_ls::row_stats(x, p)                    -> stats          unfinalised (sharding)
     fused_ls::finalize(stats, p)                 -> (loss, pack)
 
@@ -18,6 +19,19 @@ more than the whole kernel at classifier sizes. ``LossFunction`` calls the backe
 compiled backends (``cpp``, ``cuda``) are themselves C++ ops with fake kernels, and the Python
 backends (``torch``, ``triton``) are entered through the ``fused_ls::`` ops when torch.compile is
 tracing (``call``), so the traced graph never sees their Python.
+
+The gradient in the forward (one read of the logits, one write of the gradient). When autograd
+will need the logits' gradient, the forward runs ``forward_backward`` with a unit upstream
+gradient: statistics, finalisation and d loss/dx in one pass over each row (into the logits with
+``inplace_backward``, else into a fresh buffer). The backward then hands that buffer to autograd,
+after ``rescale`` has made it the gradient of ``grad_loss · loss``: nothing is read or written
+where grad_loss is 1 (decided on the device), otherwise one pass. The buffer is the backward's
+alone from then on, so nothing anyone can observe is changed in place; a second backward through
+a retained graph recomputes the gradient from the saved logits and pack (with
+``inplace_backward`` the logits are gone: it raises). Under torch.compile the buffer is saved like
+any activation and the backward returns ``grad_loss · G`` out of place (one fused pass).
+Backends that have not been measured with this path on a device keep the two passes there
+(``Backend.grad_in_forward``): the forward's statistics, the backward's gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._problem import PROBLEM_SCHEMA, Problem, fake_loss_pack, fake_stats
+from ._problem import PROBLEM_SCHEMA, R_NONE, Problem, acc_dtype, fake_loss_pack, fake_stats
 
 _lib = torch.library.Library("fused_ls", "FRAGMENT")  # noqa: TOR901 - ops defined from schemas
 
@@ -39,6 +53,10 @@ SCHEMAS = {
     "forward_backward": (
         f"forward_backward(Tensor x, Tensor(a!) out, Tensor grad_loss, {PROBLEM_SCHEMA}, "
         "str backend) -> (Tensor, Tensor)"
+    ),
+    "rescale": (
+        f"rescale(Tensor grad_loss, Tensor x, Tensor(a!) out, Tensor pack, {PROBLEM_SCHEMA}, "
+        "str backend) -> ()"
     ),
     "row_stats": f"row_stats(Tensor x, {PROBLEM_SCHEMA}, str backend) -> Tensor",
     "finalize": f"finalize(Tensor stats, {PROBLEM_SCHEMA}, str backend) -> (Tensor, Tensor)",
@@ -65,6 +83,11 @@ def _forward_backward(x, out, grad_loss, *args):
     return backends.get(b).forward_backward(x, out, grad_loss, p)
 
 
+def _rescale(grad_loss, x, out, pack, *args):
+    p, b = _problem(args)
+    backends.get(b).rescale(grad_loss, x, out, pack, p)
+
+
 def _row_stats(x, *args):
     p, b = _problem(args)
     return backends.get(b).row_stats(x, p)
@@ -88,6 +111,10 @@ def _fake_forward_backward(x, out, grad_loss, *args):
     return fake_loss_pack(x, x.shape[0], _problem(args)[0])
 
 
+def _fake_rescale(grad_loss, x, out, pack, *args):
+    return None
+
+
 def _fake_row_stats(x, *args):
     return fake_stats(x)
 
@@ -100,6 +127,7 @@ for _name, _impl, _fake in (
     ("forward", _forward, _fake_forward),
     ("backward", _backward, _fake_backward),
     ("forward_backward", _forward_backward, _fake_forward_backward),
+    ("rescale", _rescale, _fake_rescale),
     ("row_stats", _row_stats, _fake_row_stats),
     ("finalize", _finalize, _fake_finalize),
 ):
@@ -126,34 +154,79 @@ def bump_version(t: Tensor) -> None:
 
 
 # ---- autograd -----------------------------------------------------------------------------------
+def unit_upstream(x: Tensor, p: Problem) -> Tensor:
+    """The upstream gradient 1 for forward_backward: [N] ones for reduction "none", else a scalar
+    (in the accumulation dtype, on the logits' device)."""
+    shape = (x.shape[0],) if p.reduction == R_NONE else ()
+    return torch.ones(shape, dtype=acc_dtype(x.dtype), device=x.device)
+
+
 class LossFunction(torch.autograd.Function):
-    """loss, pack = LossFunction.apply(x, backend, inplace_backward, *problem)."""
+    """loss, pack = LossFunction.apply(x, backend, inplace_backward, *problem).
+
+    The module docstring describes when the gradient is computed in the forward."""
 
     @staticmethod
     def forward(ctx, x, backend, inplace, *problem):
         p = Problem(*problem)
-        loss, pack = call("forward", backend, x, p)
-        LossFunction.remember(ctx, x, pack, p, backend, inplace)
+        ctx.set_materialize_grads(False)  # no zero gradient for the pack
+        ctx.scalars, ctx.backend, ctx.inplace = p.scalars(), backend, inplace
+        ctx.grad = []  # the forward's gradient, until the first backward takes it
+        ctx.one_pass = ctx.needs_input_grad[0] and backends.get(backend).grad_in_forward(x.device)
+        if not ctx.one_pass:
+            loss, pack = call("forward", backend, x, p)
+            ctx.save_for_backward(x, pack, *p.tensors())
+        elif torch.compiler.is_compiling():
+            g = torch.empty_like(x)  # (in place into a graph input would cost a copy-back)
+            loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+            ctx.save_for_backward(g, pack)
+            ctx.compiled = True
+        else:
+            g = x if inplace else torch.empty_like(x)
+            loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+            if inplace:
+                bump_version(x)  # the logits now hold the gradient: saved copies elsewhere raise
+            ctx.grad.append(g)
+            # for a second backward (retain_graph): recompute from the logits, unless they are gone
+            ctx.save_for_backward(None if inplace else x, pack, *p.tensors())
+        ctx.mark_non_differentiable(pack)
         return loss, pack
 
     @staticmethod
-    def remember(ctx, x, pack, p: Problem, backend: str, inplace: bool) -> None:
-        """Keep what ``backward`` reads (also after the sharded forward of fused_ls.parallel)."""
-        ctx.mark_non_differentiable(pack)
-        ctx.set_materialize_grads(False)  # no zero gradient for the pack
-        ctx.save_for_backward(x, pack, *p.tensors())
-        ctx.scalars = p.scalars()
-        ctx.backend, ctx.inplace = backend, inplace
-
-    @staticmethod
     def backward(ctx, grad_loss, _grad_pack):
+        none = (None,) * (2 + len(Problem._fields))
         if not ctx.needs_input_grad[0] or grad_loss is None:
-            return (None,) * (3 + len(Problem._fields))
+            return (None, *none)
+        if getattr(ctx, "compiled", False):
+            g, pack = ctx.saved_tensors
+            return (_scaled_out_of_place(g, grad_loss, pack), *none)
         x, pack, *tensors = ctx.saved_tensors
         p = Problem(*tensors, *ctx.scalars)
-        return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace),) + (None,) * (
-            2 + len(Problem._fields)
-        )
+        if ctx.grad:  # the forward's gradient, for a unit upstream gradient: now ours alone
+            g = ctx.grad.pop()
+            call("rescale", ctx.backend, grad_loss, x if x is not None else g, g, pack, p)
+            return (g, *none)
+        if not ctx.one_pass:
+            return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace), *none)
+        if x is None:
+            raise RuntimeError(
+                "fused_ls: a second backward through a loss computed with inplace_backward=True: "
+                "the forward wrote the gradient over the logits, so they are gone. Compute the "
+                "loss without inplace_backward to backpropagate through it more than once."
+            )
+        # a later backward (retain_graph): the first one's computation again, bit for bit
+        g = torch.empty_like(x)
+        call("forward_backward", ctx.backend, x, g, unit_upstream(x, p), p)
+        call("rescale", ctx.backend, grad_loss, x, g, pack, p)
+        return (g, *none)
+
+
+def _scaled_out_of_place(g: Tensor, grad_loss: Tensor, pack: Tensor) -> Tensor:
+    """grad_loss · g in g's dtype, computed in the accumulation dtype and rounded once; zero
+    entries stay zero whatever the upstream (as the kernels' scaled coefficients)."""
+    go = grad_loss.to(pack.dtype)
+    go = go[:, None] if go.dim() == 1 else go
+    return torch.where(g == 0, 0, g.to(pack.dtype) * go).to(g.dtype)
 
 
 def gradient(grad_loss, x, pack, p: Problem, backend: str, inplace: bool) -> Tensor:

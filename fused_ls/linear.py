@@ -134,14 +134,17 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor, tmp: Tensor | None, first: bo
         accumulate_(acc, tmp, add=not first)
 
 
-def _scaled(g: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """g · scale in ``dtype``: in place when g has it, else (g an fp32 accumulator, consumed)
-    into a new tensor by cpp_backend.scaled_copy_. The 0-dim fp32 factor is applied in fp32 and
-    the product rounded once."""
+def _scaled(g: Tensor, scale: Tensor, dtype: torch.dtype, in_place: bool = True) -> Tensor:
+    """g · scale in ``dtype``: in place when g has it (and ``in_place``), else (g an fp32
+    accumulator, consumed) into a new tensor by cpp_backend.scaled_copy_. The 0-dim fp32 factor
+    is applied in fp32 and the product rounded once."""
     if g.dtype == dtype:
-        return g.mul_(scale)
+        return g.mul_(scale) if in_place else g * scale
     out = torch.empty_like(g, dtype=dtype)
-    scaled_copy_(out, g, scale.to(torch.float32))
+    if in_place:
+        scaled_copy_(out, g, scale.to(torch.float32))
+    else:
+        out.copy_(g * scale.to(torch.float32))
     return out
 
 
@@ -354,7 +357,16 @@ def _runner(shard):
 
 class LinearLossFunction(torch.autograd.Function):
     """loss, pack = LinearLossFunction.apply(x, weight, bias, chunk, backend, shard, *problem);
-    ``shard`` None, or a ``fused_ls.parallel.RankSlice`` (the backward then sums dX over it)."""
+    ``shard`` None, or a ``fused_ls.parallel.RankSlice`` (the backward then sums dX over it).
+
+    "mean" and "sum": the forward computes the gradients of Σ_i loss_i (each chunk's logits turned
+    into dlogits in place by forward_backward, then dX_c = G·W, dW += Gᵀ·X_c), and the first
+    backward scales these small results by the upstream gradient (÷ Σ W_i for "mean") in place:
+    they are its own from then on (no second [V, H] weight gradient in memory). A later backward
+    through a retained graph recomputes them from the saved inputs, as the forward did (bit for
+    bit). Under torch.compile they are saved like activations and scaled out of place.
+    "none": the upstream gradient differs per row, and Σ_i go_i G_iᵀ X_i cannot be rescaled once
+    summed: the forward computes the loss only and every backward recomputes the logits."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, chunk, backend, shard, *problem):
@@ -367,6 +379,8 @@ class LinearLossFunction(torch.autograd.Function):
         ctx.wants = (gi, gw, gb)
         ctx.reduction = p.reduction
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.grads = []  # the forward's gradients and pack, until the first backward takes them
+        ctx.compiled = False
         if p.reduction == R_NONE:
             loss, pack, *_ = rows(
                 x, weight, bias, None, None, p, chunk, False, False, False, backend
@@ -376,7 +390,12 @@ class LinearLossFunction(torch.autograd.Function):
             loss, pack, dX, dW, db = rows(
                 x, weight, bias, None, None, p, chunk, gi, gw, gb, backend
             )
-            ctx.save_for_backward(dX, dW, db, pack)
+            if torch.compiler.is_compiling():
+                ctx.compiled = True
+                ctx.save_for_backward(dX, dW, db, pack)
+            else:
+                ctx.grads.append((dX, dW, db, pack))
+                ctx.save_for_backward(x, weight, bias, *p.tensors())
         ctx.mark_non_differentiable(pack)
         return loss, pack
 
@@ -396,17 +415,23 @@ class LinearLossFunction(torch.autograd.Function):
                 for g, want, dt in zip(grads, ctx.wants, ctx.dtypes, strict=True)
             ]
         else:
-            # Scale the forward's gradients in place: no second [V, H] weight gradient. They are
-            # then consumed: a second backward (retain_graph=True) hits autograd's version check
-            # of the saved tensors and raises instead of scaling them twice.
-            *grads, pack = ctx.saved_tensors
+            if ctx.compiled:
+                *grads, pack = ctx.saved_tensors
+            elif ctx.grads:
+                *grads, pack = ctx.grads.pop()  # ours alone now: scaled in place below
+            else:  # a later backward (retain_graph): the forward's computation again
+                x, weight, bias, *tensors = ctx.saved_tensors
+                p = Problem(*tensors, *ctx.scalars)
+                _, pack, *grads = _runner(ctx.shard)(
+                    x, weight, bias, None, None, p, ctx.chunk, gi, gw, gb, ctx.backend
+                )
             scale = grad_loss.to(pack.dtype)
             if ctx.reduction == R_MEAN:
                 # a mean over no counted rows (0/0) has zero gradients, as in PyTorch
                 total = pack[-1, T_W]
                 scale = torch.where(total != 0, scale / total, 0)
             grads = [
-                _scaled(g, scale, dt) if want else None
+                _scaled(g, scale, dt, in_place=not ctx.compiled) if want else None
                 for g, want, dt in zip(grads, ctx.wants, ctx.dtypes, strict=True)
             ]
         dX, dW, db = grads

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, parallel
 from ._entry import OptionsModule, make_problem, outputs
-from ._ops import LossFunction
+from ._ops import LossFunction, call
 from ._options import (
     LOSS_KEYWORDS,
     LOSS_MODULE_KEYWORDS,
@@ -135,7 +136,10 @@ def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
         shard = parallel.rank_slice(opts, C, x.shape[0], acc, x.device)
     if shard is None:
         p = make_problem(opts, target, target.shape, acc, x, C)
-        loss, pack = LossFunction.apply(x, chosen, opts.inplace_backward, *p)
+        if torch.is_grad_enabled() and x.requires_grad:
+            loss, pack = LossFunction.apply(x, chosen, opts.inplace_backward, *p)
+        else:  # no autograd: one read of the logits, nothing N×C written
+            loss, pack = call("forward", chosen, x, p)
     else:
         p = make_problem(opts, target, target.shape, acc, x, shard.num_classes, shard.start)
         loss, pack = parallel.ShardedLossFunction.apply(x, chosen, opts.inplace_backward, shard, *p)

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._ops import LossFunction, call
+from ._ops import call, gradient
 from ._problem import (
     S_ARG,
     S_D,
@@ -250,20 +250,28 @@ def sharded_forward(x: Tensor, p: Problem, backend: str, shard: RankSlice):
 
 class ShardedLossFunction(torch.autograd.Function):
     """loss, pack = ShardedLossFunction.apply(x, backend, inplace_backward, shard, *problem):
-    ``LossFunction`` with the merge between statistics and finalisation. The backward is
-    LossFunction's: the rank's slice of the gradient from the shared pack, no collective."""
+    the statistics, the merge and the finalisation in the forward; the backward writes the rank's
+    slice of the gradient from the shared pack with the ordinary backward op (no collective).
+    (The gradient needs the merged statistics, so it cannot come from the statistics pass.)"""
 
     @staticmethod
     def forward(ctx, x, backend, inplace, shard, *problem):
         p = Problem(*problem)
         loss, pack = sharded_forward(x, p, backend, shard)
-        LossFunction.remember(ctx, x, pack, p, backend, inplace)
+        ctx.mark_non_differentiable(pack)
+        ctx.set_materialize_grads(False)  # no zero gradient for the pack
+        ctx.save_for_backward(x, pack, *p.tensors())
+        ctx.scalars, ctx.backend, ctx.inplace = p.scalars(), backend, inplace
         return loss, pack
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_pack):
-        g = LossFunction.backward(ctx, grad_loss, grad_pack)[0]
-        return (g, None, None, None) + (None,) * len(Problem._fields)
+    def backward(ctx, grad_loss, _grad_pack):
+        none = (None,) * (3 + len(Problem._fields))
+        if not ctx.needs_input_grad[0] or grad_loss is None:
+            return (None, *none)
+        x, pack, *tensors = ctx.saved_tensors
+        p = Problem(*tensors, *ctx.scalars)
+        return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace), *none)
 
 
 # ---- the fused LM head over a sharded vocabulary (its chunk loops: fused_ls.linear) -------------

@@ -26,6 +26,9 @@ Kernels (all fp32 accumulation; x and the gradient fp32, bf16 or fp16):
                         gradient (GRAD: forward_backward, the row is still in L2), or writes the
                         row's statistics (STATS_OUT: vocabulary sharding). With S > 1 it writes
                         partial statistics for _merge_kernel.
+    _weights_kernel     grid (N,): W_i from the targets, for forward_backward of "mean" (Σ W_i by
+                        _reduce_kernel before the rows are read).
+    _scale_kernel       grid (N, S): rescale of a gradient written over the logits.
     _merge_kernel       grid (N,): merges the S partials of a row (online-softmax merge), gathers
                         the target and sparse terms, then finalises or writes the statistics; with
                         GATHER off it finalises statistics given from outside (ext_finalize).
@@ -436,6 +439,7 @@ def _rows_kernel(
     r0, smoothing, mix_lambda, adaptive_threshold, adaptive_factor, z_loss, confidence_penalty,
     softcap, eps_rows_on, lam_rows_on, has_mix, has_w, adaptive_mode, go_per_row, loss_rows_on,
     S, cols_per_split,
+    go_mean, N,  # GRAD of "mean": go / Σ W_i, which _weights_kernel put in the pack's row N
     BLOCK: tl.constexpr, KP: tl.constexpr, POINT_CHUNK: tl.constexpr,
     R_MODE: tl.constexpr,  # 0: R = r0, 1: R = r0·w, 2: dense rows R[y]
     HAS_B: tl.constexpr,  # a second dense row R[y_b] (mixup with a dense similarity)
@@ -545,6 +549,8 @@ def _rows_kernel(
                     go = tl.load(GO + row)
                 else:
                     go = tl.load(GO)
+                if go_mean != 0:
+                    go = go / tl.load(PACK + N * 8)
                 coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b = _grad_coefs(
                     lse, eps_i, go, row, valid, y_a, y_b, has_mix,
                     W, MASS, SP_IDX, SP_VAL, K, has_w, R_MODE == 2,
@@ -634,10 +640,17 @@ def _grad_kernel(
     LAM_ROWS, GO, PACK,  # per-sample λ, upstream gradient [N | 1], pack [N+1, 8]
     C, col_offset, ignore_index, r0, mix_lambda, z_loss, confidence_penalty, softcap,
     lam_rows_on, has_mix, has_w, go_per_row, go_mean, N, cols_per_split,
+    skip_unit,  # rescale: rows whose upstream gradient is 1 keep what OUT holds (no read, no write)
     BLOCK: tl.constexpr, KP: tl.constexpr, POINT_CHUNK: tl.constexpr,
     R_MODE: tl.constexpr, HAS_B: tl.constexpr, NEED_PZ: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
+    if go_per_row != 0:
+        go = tl.load(GO + row)
+    else:
+        go = tl.load(GO)
+    if (skip_unit != 0) & (go == 1.0):
+        return
     split = tl.program_id(1)
     lo = split * cols_per_split
     hi = tl.minimum(lo + cols_per_split, C)
@@ -645,10 +658,6 @@ def _grad_kernel(
     valid = y_a != ignore_index
     y_a = tl.where(valid, y_a, 0)
     y_b = tl.where(valid, tl.load(Y_B + row), 0)
-    if go_per_row != 0:
-        go = tl.load(GO + row)
-    else:
-        go = tl.load(GO)
     if go_mean != 0:
         go = go / tl.load(PACK + N * 8)
     lse = tl.load(PACK + row * 8 + 0)
@@ -677,6 +686,66 @@ def _grad_kernel(
         y_a, y_b, has_mix, W, SP_IDX, SP_VAL, K, has_w, softcap,
         R_MODE, HAS_B, NEED_PZ, HAS_SOFTCAP, BLOCK, KP, POINT_CHUNK,
     )  # fmt: skip
+
+
+@triton.jit
+def _scale_kernel(
+    OUT, stride_o,  # *x dtype [N, C]: the gradient for a unit upstream gradient, scaled in place
+    GO,  # *fp32 [N | 1] upstream gradient
+    C, go_per_row, cols_per_split,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    # rescale when the logits are gone (written over by the gradient): g ← go · g in fp32, rounded
+    # once, zero staying zero whatever go; a row whose go is 1 reads and writes nothing.
+    # Bytes: N·C·b read and written for the rows with go ≠ 1.
+    row = tl.program_id(0).to(tl.int64)
+    if go_per_row != 0:
+        go = tl.load(GO + row)
+    else:
+        go = tl.load(GO)
+    if go == 1.0:
+        return
+    lo = tl.program_id(1) * cols_per_split
+    hi = tl.minimum(lo + cols_per_split, C)
+    o_row = OUT + row * stride_o
+    cols = tl.arange(0, BLOCK)
+    for start in range(lo, hi, BLOCK):
+        c = start + cols
+        mask = c < hi
+        g = tl.load(o_row + c, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(g == 0.0, 0.0, g * go)
+        tl.store(o_row + c, g.to(o_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weights_kernel(
+    Y_A, Y_B, W, LAM_ROWS,  # targets [N], class weights, per-sample λ [N]
+    PACK,  # *fp32 [N + 1, 8]: W_i into column 6 (then _reduce_kernel sums them into row N)
+    ignore_index, mix_lambda, lam_rows_on, has_mix, has_w,
+):  # fmt: skip
+    # W_i (the weight of row i in "mean"'s denominator) from the targets alone, as _finalize
+    # computes it, so that Σ W_i is known before the rows of forward_backward are read.
+    row = tl.program_id(0).to(tl.int64)
+    y_a = tl.load(Y_A + row)
+    valid = y_a != ignore_index
+    y_a = tl.where(valid, y_a, 0)
+    if has_w != 0:
+        w_a = tl.load(W + y_a)
+    else:
+        w_a = 1.0
+    Wt = w_a
+    if has_mix != 0:
+        y_b = tl.where(valid, tl.load(Y_B + row), 0)
+        if has_w != 0:
+            w_b = tl.load(W + y_b)
+        else:
+            w_b = 1.0
+        if lam_rows_on != 0:
+            lam = tl.load(LAM_ROWS + row)
+        else:
+            lam = mix_lambda
+        Wt = lam * w_a + (1.0 - lam) * w_b
+    tl.store(PACK + row * 8 + 6, tl.where(valid, Wt, 0.0))
 
 
 @triton.jit

@@ -244,16 +244,18 @@ def _loss_grad(x, y, backend, kw, inplace):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_bumps_version(backend):
-    """Another op that saved the same logits must raise instead of using the overwritten values."""
+    """Another op that saved the same logits must raise instead of using the overwritten values.
+    The gradient is written over the logits in the forward (one pass), so the version moves
+    there."""
     x, y, _ = _problem(8, 9, torch.float32)
     leaf = x.clone().requires_grad_(True)
     h = leaf * 1
     other = (h * h).sum()  # mul saves h for its backward
-    loss = fused_ls.label_smoothing_cross_entropy(h, y, inplace_backward=True, backend=backend)
     v0 = h._version
+    loss = fused_ls.label_smoothing_cross_entropy(h, y, inplace_backward=True, backend=backend)
+    assert h._version > v0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + other).backward()
-    assert h._version > v0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -69,7 +69,7 @@ def _case(mode, reduction, N=9, C=37, seed=0):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODE_NAMES)
-@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_forward_backward_is_forward_then_backward(backend, mode, reduction, inplace):
     x, y, kw, _ = _case(mode, reduction)
@@ -89,13 +89,36 @@ def test_forward_backward_is_forward_then_backward(backend, mode, reduction, inp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_backward_refuses_mean(backend):
-    x, y, kw, _ = _case("uniform", "mean")
-    p = problem(x, y, reduction="mean")
-    with pytest.raises((ValueError, RuntimeError), match="none' or 'sum"):
-        fused_ls.backends.get(backend).forward_backward(
-            x, torch.empty_like(x), torch.tensor(1.0), p
-        )
+@pytest.mark.parametrize("mode", MODE_NAMES)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rescale_makes_the_unit_gradient_that_of_grad_loss(backend, mode, reduction, inplace):
+    """forward_backward with a unit upstream gradient, then rescale(grad_loss) = backward with
+    grad_loss; rows whose upstream is 1 are left bit for bit as they were; with x = out (the
+    logits overwritten) the gradient is scaled instead of recomputed."""
+    x, y, kw, _ = _case(mode, reduction)
+    p = problem(x, y, reduction=reduction, **kw)
+    b = fused_ls.backends.get(backend)
+    g = torch.Generator().manual_seed(5)
+    if reduction == "none":
+        go = torch.rand(x.shape[0], generator=g) * 2 - 0.5  # negative ones too
+        go[::3] = 1.0
+        go[1] = 0.0
+    else:
+        go = torch.tensor(-1.3)
+    loss, pack = b.forward(x, p)
+    ref = torch.empty_like(x)
+    b.backward(go, x, ref, pack, p)
+    xc = x.clone()
+    out = xc if inplace else torch.empty_like(x)
+    b.forward_backward(xc, out, torch.ones_like(go), p)
+    before = out.clone()
+    b.rescale(go, out if inplace else xc, out, pack, p)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-7)
+    if reduction == "none":
+        assert torch.equal(out[go == 1], before[go == 1])
+    b.rescale(torch.ones_like(go), out if inplace else xc, out, pack, p)  # a unit upstream
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-7)
 
 
 def merge_stats(parts: list[torch.Tensor]) -> torch.Tensor:

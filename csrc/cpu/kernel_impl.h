@@ -13,12 +13,18 @@
 #error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including kernel_impl.h"
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>  // streaming stores
+#endif
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -195,19 +201,78 @@ inline void load_chunk(const scalar_t* x, int64_t n, acc_t* buf, bool has_cap, a
   for (int64_t j = v.full; j < v.full + W; ++j) v.tail[j - v.full] = j < n ? buf[j] : pad;
 }
 
-// Writes n accumulation-dtype values to the output dtype (round to nearest even).
+// A full vector of v at dst: a non-temporal (streaming) store when `stream` (dst must then be
+// aligned to the vector's size), which skips the read-for-ownership of a destination line that
+// is not in cache (a fresh gradient buffer) and does not evict the row being worked on; else an
+// ordinary store. The portable path has no streaming store.
+template <typename T>
+inline void store_vec(T* dst, const Vectorized<T>& v, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (stream) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(reinterpret_cast<float*>(dst), __m512(v));
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_stream_pd(reinterpret_cast<double*>(dst), __m512d(v));
+    } else {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), __m512i(v));
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(reinterpret_cast<float*>(dst), __m256(v));
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_stream_pd(reinterpret_cast<double*>(dst), __m256d(v));
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), __m256i(v));
+    }
+    return;
+  }
+#endif
+  v.store(dst);
+}
+
+// Whether streaming stores serve: a compiled path that has them, and dst aligned to a vector.
+template <typename T>
+inline bool can_stream(const void* dst) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return reinterpret_cast<uintptr_t>(dst) % sizeof(Vectorized<T>) == 0;
+#else
+  (void)dst;
+  return false;
+#endif
+}
+
+// Orders this thread's streaming stores before what follows (the fix-up columns rewritten over
+// them; the caller reading the gradient).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Writes n accumulation-dtype values to the output dtype (round to nearest even); full vectors
+// streamed when `stream` (dst aligned: chunks start at multiples of kChunk columns).
 template <typename scalar_t, typename acc_t>
-inline void store_chunk(const acc_t* buf, int64_t n, scalar_t* dst) {
+inline void store_chunk(const acc_t* buf, int64_t n, scalar_t* dst, bool stream = false) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::memcpy(dst, buf, n * sizeof(acc_t));
+    if (!stream) {
+      std::memcpy(dst, buf, n * sizeof(acc_t));
+      return;
+    }
+    int64_t j = 0;
+    for (; j + W <= n; j += W) store_vec(dst + j, Vec::loadu(buf + j), true);
+    for (; j < n; ++j) dst[j] = buf[j];
   } else {
-    using Vec = Vectorized<acc_t>;
     using RVec = Vectorized<scalar_t>;
-    constexpr int64_t W = Vec::size();
     int64_t j = 0;
     for (; j + RVec::size() <= n; j += RVec::size()) {
-      at::vec::convert_from_float<scalar_t>(Vec::loadu(buf + j), Vec::loadu(buf + j + W))
-          .store(dst + j);
+      store_vec(dst + j,
+                at::vec::convert_from_float<scalar_t>(Vec::loadu(buf + j), Vec::loadu(buf + j + W)),
+                stream);
     }
     for (; j < n; ++j) dst[j] = static_cast<scalar_t>(buf[j]);
   }
@@ -220,14 +285,33 @@ inline acc_t z_at(const scalar_t* xr, int64_t c, bool has_cap, acc_t cap, acc_t 
   return has_cap ? rm::softcap_z(v, cap, rcp) : v;
 }
 
+// What the one-pass gradient keeps of a row between its statistics and its gradient (in the
+// thread's cache, not re-read from memory): e_c = exp(z_c − m_k) of every column c with m_k the
+// max of c's chunk k, so that p_c = e_c · exp(m_k − lse) needs no second exp; the chunk maxima;
+// and z itself when the gradient reads it (softcap's dz/dx, the confidence penalty's γ(z − Σpz)).
+// C accumulation-dtype values per buffer: 128 KB for a row of 32000 in fp32, L2-resident.
+template <typename acc_t>
+struct RowKeep {
+  std::vector<acc_t> e, z, cmax;
+  bool with_z = false;
+  bool finite = true;  // every chunk max is finite or −inf (else the exact fallback from x)
+  void init(int64_t C, bool need_z) {
+    e.resize(C);
+    cmax.resize((C + kChunk - 1) / kChunk);
+    with_z = need_z;
+    if (need_z) z.resize(C);
+  }
+};
+
 // Statistics of one row (rowmath.h Stats): one read of the row (C · sizeof(scalar_t) bytes) and
 // of the dense R row(s) (cache-resident when they are the class weights), per chunk one sweep
 // for max, min and the dots, one exp sweep from L1 for the softmax state relative to the chunk's
 // max, merged into the row's state with rowmath::merge; with need_stats one more vectorised
 // scan of the chunk that holds the argmax; then O(2 + K) scattered reads for the targets and
-// sparse neighbours.
+// sparse neighbours. With `keep`, the exp sweep also stores e (and z) for grad_row.
 template <typename scalar_t, typename acc_t>
-rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<acc_t>& cv) {
+rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<acc_t>& cv,
+                           RowKeep<acc_t>* keep = nullptr) {
   using Vec = Vectorized<acc_t>;
   const acc_t NEG = rm::neg_inf<acc_t>();
   const bool has_cap = a.softcap > 0;
@@ -282,8 +366,18 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
       best = cm;
       best_c0 = c0;
     }
+    if (keep) {
+      keep->cmax[c0 / kChunk] = cm;
+      if (cm != cm || cm == -NEG) keep->finite = false;
+      if (cm == NEG) std::fill_n(keep->e.data() + c0, n, acc_t(0));  // p = 0 on the chunk
+      if (keep->with_z) {
+        cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
+          z.store(keep->z.data() + c0 + j, static_cast<int>(cnt));
+        });
+      }
+    }
     // sweep 2 (from L1): softmax state of the chunk relative to its own max (an all −inf chunk
-    // adds nothing), merged into the row's state
+    // adds nothing), merged into the row's state; with `keep`, e = exp(z − cm) is stored
     if (cm != NEG) {
       const Vec vcm(cm);
       Vec vd(acc_t(0)), vs(acc_t(0));
@@ -293,12 +387,21 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
       // 1 would otherwise stall on it; prefetches past the row's end do not fault)
       const char* next = reinterpret_cast<const char*>(xr + c0 + kChunk);
       constexpr int64_t step = sizeof(scalar_t);
+      acc_t* ke = keep ? keep->e.data() + c0 : nullptr;
       if (rm::gathers_s(a)) {
-        cv.for_each([&](const Vec& z, int64_t j, int64_t) {
+        cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
           __builtin_prefetch(next + j * step, 0, 3);
           const Vec e = finite ? rm::exp_no_nan(z - vcm) : rm::rm_exp(z - vcm);
           vd += e;
           vs += rm::pz_term(e, z);
+          if (ke) e.store(ke + j, static_cast<int>(cnt));
+        });
+      } else if (finite && ke) {
+        cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
+          __builtin_prefetch(next + j * step, 0, 3);
+          const Vec e = rm::exp_no_nan(z - vcm);
+          vd += e;
+          e.store(ke + j, static_cast<int>(cnt));
         });
       } else if (finite) {
         cv.for_each([&](const Vec& z, int64_t j, int64_t) {
@@ -338,16 +441,25 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
   return out;
 }
 
-// Gradient of one row: one read of the logits and one write of the gradient (C · sizeof(scalar_t)
-// bytes each), the dense R row(s), and 2 + K scattered columns. The target and sparse-similarity
+// Gradient of one row: one write of the gradient (C · sizeof(scalar_t) bytes), the dense R
+// row(s), and 2 + K scattered columns. The dense part comes from the row's kept e (one-pass
+// forward_backward: p = e · exp(m_k − lse), no exp, no read of the logits from memory) when
+// `keep` holds a finite row, else from one read of the logits. The target and sparse-similarity
 // masses hit a few columns only: those columns' logits are read before the dense pass (out may
 // alias x), the dense pass writes every column without them, and the few columns are then
 // rewritten from an accumulation-dtype expression that includes them, so the subtraction happens
-// before rounding (DESIGN.md §3).
+// before rounding (docs/design.md §3). `stream`: the dense pass writes with streaming stores.
+template <typename acc_t>
+struct Fixups {  // the point-mass columns of a row: local column, mass, logit
+  std::vector<int64_t> col;
+  std::vector<acc_t> mass, x;
+  int64_t n = 0;
+  explicit Fixups(int64_t max) : col(max), mass(max), x(max) {}
+};
+
 template <typename scalar_t, typename acc_t>
 void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t go, acc_t* buf,
-              ChunkView<acc_t>& cv, std::vector<int64_t>& fcol, std::vector<acc_t>& fmass,
-              std::vector<acc_t>& fx) {
+              ChunkView<acc_t>& cv, Fixups<acc_t>& fx, const RowKeep<acc_t>* keep, bool stream) {
   using Vec = Vectorized<acc_t>;
   const int64_t C = a.C;
   const scalar_t* xr = static_cast<const scalar_t*>(a.x) + i * a.x_stride;
@@ -369,11 +481,11 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
 
   // 1. the fix-up columns held here and their logits, read before anything of this row is written
   const int64_t lo = a.col_offset;
-  int64_t nf = 0;
+  fx.n = 0;
   auto add = [&](int64_t col, acc_t mass) {
     if (col >= lo && col < lo + C) {
-      fcol[nf] = col - lo;
-      fmass[nf++] = mass;
+      fx.col[fx.n] = col - lo;
+      fx.mass[fx.n++] = mass;
     }
   };
   for (int t = 0; t < (a.y_b ? 2 : 1); ++t) {
@@ -384,58 +496,114 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
       add(a.sp_idx[y * a.K + j], rm::scaled(rm::sparse_rw<acc_t>(a, y, j) * sp, go));
     }
   }
-  for (int64_t f = 0; f < nf; ++f) fx[f] = static_cast<acc_t>(xr[fcol[f]]);
+  for (int64_t f = 0; f < fx.n; ++f) fx.x[f] = static_cast<acc_t>(xr[fx.col[f]]);
 
   // 2. dense pass: g = softmax part − u_a R_a − u_b R_b, × dz/dx
   const Vec vlse(lse), vcoef(k.coef), vgamma(k.gamma), vpz(pz), vua(ua), vub(ub), vrcp(rcp);
   const bool lse_finite = lse == lse && lse != -rm::neg_inf<acc_t>() && lse != rm::neg_inf<acc_t>();
+  const bool kept = keep != nullptr && keep->finite && lse_finite;
+  // same dtype: write each vector straight into out (reading x first, so out may alias x); else
+  // into buf, converted to the output dtype by store_chunk
+  constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+  stream = stream && can_stream<scalar_t>(orow);
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
-    load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, acc_t(0), cv);
-    // same dtype: write each vector straight into out (reading x first, so out may alias x);
-    // else into buf, converted to the output dtype below
-    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
     acc_t* dst = direct ? reinterpret_cast<acc_t*>(orow + c0) : buf;
-    cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
-      // a finite lse means the row holds no NaN or +inf: z − lse is finite or −inf
-      const Vec p = lse_finite ? rm::exp_no_nan(z - vlse) : rm::rm_exp(z - vlse);
+    auto finish = [&](const Vec& p, const Vec& z, int64_t j, int64_t cnt) {
       const Vec soft = has_gamma ? rm::grad_softmax_part_p(p, z, vcoef, vgamma, vpz)
                                  : rm::grad_softmax_part_p(p, vcoef);
       Vec lin = Ra.p ? vua * Vec::loadu(Ra.p + c0 + j, cnt) : vua;
       if (two) lin += vub * Vec::loadu(Rb.p + c0 + j, cnt);
-      rm::grad_finish(soft, lin, z, has_cap, vrcp).store(dst + j, cnt);
-    });
-    if constexpr (!direct) store_chunk<scalar_t, acc_t>(buf, n, orow + c0);
+      const Vec g = rm::grad_finish(soft, lin, z, has_cap, vrcp);
+      if (direct && stream && cnt == Vec::size()) {
+        store_vec(dst + j, g, true);
+      } else {
+        g.store(dst + j, static_cast<int>(cnt));
+      }
+    };
+    if (kept) {
+      // p = e · exp(m_k − lse): one scalar exp per chunk (0 for an all −inf chunk)
+      const Vec vf(std::exp(keep->cmax[c0 / kChunk] - lse));
+      const acc_t* e = keep->e.data() + c0;
+      const acc_t* zk = keep->with_z ? keep->z.data() + c0 : nullptr;
+      constexpr int64_t W = Vec::size();
+      for (int64_t j = 0; j < n; j += W) {
+        const int64_t cnt = std::min(W, n - j);
+        const Vec p = Vec::loadu(e + j, cnt) * vf;
+        finish(p, zk ? Vec::loadu(zk + j, cnt) : p, j, cnt);
+      }
+    } else {
+      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, acc_t(0), cv);
+      cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
+        // a finite lse means the row holds no NaN or +inf: z − lse is finite or −inf
+        finish(lse_finite ? rm::exp_no_nan(z - vlse) : rm::rm_exp(z - vlse), z, j, cnt);
+      });
+    }
+    if constexpr (!direct) store_chunk<scalar_t, acc_t>(buf, n, orow + c0, stream);
   }
+  if (stream) stream_fence();  // the dense stores land before the fix-ups below
 
   // 3. the fix-up columns, with every mass that lands on them (duplicates write equal values)
-  for (int64_t f = 0; f < nf; ++f) {
-    const int64_t c = fcol[f];
+  for (int64_t f = 0; f < fx.n; ++f) {
+    const int64_t c = fx.col[f];
     acc_t lin = k.u_a * Ra.at(c) + (two ? k.u_b * Rb.at(c) : acc_t(0));
-    for (int64_t f2 = 0; f2 < nf; ++f2) {
-      if (fcol[f2] == c) lin += fmass[f2];
+    for (int64_t f2 = 0; f2 < fx.n; ++f2) {
+      if (fx.col[f2] == c) lin += fx.mass[f2];
     }
-    const acc_t z = has_cap ? rm::softcap_z(fx[f], cap, rcp) : fx[f];
+    const acc_t z = has_cap ? rm::softcap_z(fx.x[f], cap, rcp) : fx.x[f];
     const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, k.coef, k.gamma, pz)
                                  : rm::grad_softmax_part(z, lse, k.coef);
     orow[c] = static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
   }
 }
 
-// Rows [begin, end) through the steps `phases` (args.h Phase).
+// ext_rescale with x = out (the logits were overwritten by the gradient): out = go · out in the
+// accumulation dtype, rounded once, zero staying zero whatever go (rowmath::scaled); rows whose
+// go is 1 never reach here.
+template <typename scalar_t, typename acc_t>
+void scale_row(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<acc_t>& cv) {
+  using Vec = Vectorized<acc_t>;
+  scalar_t* orow = static_cast<scalar_t*>(a.out) + i * a.out_stride;
+  const acc_t go = rm::raw_go<acc_t>(a, i);
+  const Vec vgo(go), zero(acc_t(0));
+  for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, a.C - c0);
+    load_chunk<scalar_t, acc_t>(orow + c0, n, buf, false, acc_t(0), acc_t(0), acc_t(0), cv);
+    acc_t* dst = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(orow + c0) : buf;
+    cv.for_each([&](const Vec& g, int64_t j, int64_t cnt) {
+      Vec::blendv(g * vgo, zero, g == zero).store(dst + j, static_cast<int>(cnt));
+    });
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) store_chunk<scalar_t, acc_t>(buf, n, orow + c0);
+  }
+}
+
+// A gradient buffer this large leaves the caches anyway: stream it (no read-for-ownership).
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
+
+// Rows [begin, end) through the steps `phases` (args.h Phase). With every step (forward_backward)
+// a row is read from memory once: its statistics keep e (RowKeep) for the gradient.
 template <typename scalar_t, typename acc_t>
 void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
   alignas(64) acc_t buf[kChunk];
   ChunkView<acc_t> cv;
-  const int64_t max_fix = 2 + 2 * a.K;
-  std::vector<int64_t> fcol(max_fix);
-  std::vector<acc_t> fmass(max_fix), fx(max_fix);
+  Fixups<acc_t> fx(2 + 2 * a.K);
   acc_t* stats = static_cast<acc_t*>(a.stats);
   acc_t* pack = static_cast<acc_t*>(a.pack);
+  const bool one_pass = (phases & PH_STATS) && (phases & PH_GRAD);
+  RowKeep<acc_t> keep;
+  if (one_pass) keep.init(a.C, a.softcap > 0 || a.cp != 0);
+  const bool stream = (phases & PH_GRAD) && a.out != a.x &&
+                      a.N * a.C * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
 
   for (int64_t i = begin; i < end; ++i) {
+    if ((phases & PH_GRAD) && rm::unit_row<acc_t>(a, i)) continue;  // rescale: already right
+    if (a.scale_only) {
+      scale_row<scalar_t, acc_t>(a, i, buf, cv);
+      continue;
+    }
     const bool ignored = a.y_a[i] == a.ignore_index;
     acc_t lse = 0, eps = 0, pz = 0;
+    keep.finite = true;
     if (phases & PH_FINALIZE) {
       acc_t* pr = pack + i * kWidth;
       if (ignored && !a.need_stats) {
@@ -444,7 +612,7 @@ void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
       } else {
         rm::Stats<acc_t> st;
         if (phases & PH_STATS) {
-          st = row_stats<scalar_t, acc_t>(a, i, buf, cv);
+          st = row_stats<scalar_t, acc_t>(a, i, buf, cv, one_pass ? &keep : nullptr);
         } else {
           st = rm::load_stats(stats + i * kWidth);
         }
@@ -468,8 +636,8 @@ void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
       pz = pr[P_PZ];
     }
     if (phases & PH_GRAD) {
-      grad_row<scalar_t, acc_t>(a, i, lse, eps, pz, rm::row_go<acc_t>(a, i), buf, cv, fcol, fmass,
-                                fx);
+      grad_row<scalar_t, acc_t>(a, i, lse, eps, pz, rm::row_go<acc_t>(a, i), buf, cv, fx,
+                                one_pass ? &keep : nullptr, stream);
     }
   }
 }

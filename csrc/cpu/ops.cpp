@@ -25,6 +25,7 @@
 #endif
 
 #include "../ext_common.h"
+#include "../rowmath.h"
 
 namespace fused_ls {
 namespace cpu {
@@ -188,6 +189,15 @@ struct CpuDevice {
     at::parallel_for(0, a.N, grain_rows(std::max<int64_t>(a.C, 64)),
                      [&](int64_t begin, int64_t end) { isa.run(a, dt, phases, begin, end); });
   }
+  // Σ W_i from the targets alone (rowmath::row_weight: the W_i finalisation writes), in row order
+  // in double as reduce sums them, into the totals row before the rows are read.
+  static void weights(const RowArgs& a, const at::Tensor& pack) {
+    AT_DISPATCH_FLOATING_TYPES(pack.scalar_type(), "fused_ls_weights", [&] {
+      double sw = 0;
+      for (int64_t i = 0; i < a.N; ++i) sw += rowmath::row_weight<scalar_t>(a, i);
+      pack.data_ptr<scalar_t>()[a.N * kWidth + 0] = static_cast<scalar_t>(sw);
+    });
+  }
   // Σ W_i and Σ loss_i in row order (in double), into the totals row and the reduced loss.
   static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss) {
     AT_DISPATCH_FLOATING_TYPES(pack.scalar_type(), "fused_ls_reduce", [&] {
@@ -277,6 +287,8 @@ TORCH_LIBRARY_FRAGMENT(fused_ls, m) {
         ") -> ()");
   m.def("ext_forward_backward(Tensor x, Tensor(a!) out, Tensor grad_loss, " FLS_PROBLEM_SCHEMA
         ") -> (Tensor, Tensor)");
+  m.def("ext_rescale(Tensor grad_loss, Tensor x, Tensor(a!) out, Tensor pack, " FLS_PROBLEM_SCHEMA
+        ") -> ()");
   m.def("ext_row_stats(Tensor x, " FLS_PROBLEM_SCHEMA ") -> Tensor");
   m.def("ext_finalize(Tensor stats, " FLS_PROBLEM_SCHEMA ") -> (Tensor, Tensor)");
   // The fused head's fp32 accumulation of low-precision GEMM results, and its final scaling.

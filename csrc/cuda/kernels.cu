@@ -392,38 +392,67 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(KParams p) {
   using acc_t = acc_of<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t row = blockIdx.x;
+  if (rm::unit_row<acc_t>(p, row)) return;  // rescale: the row's upstream is 1, nothing to do
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.slice;
   const int64_t c1 = min(p.C, c0 + p.slice);
   const acc_t* pr = ptr<acc_t>(p.pack) + row * kWidth;
   grad_slice<scalar_t>(p, row, c0, c1, pr[P_LSE], pr[P_EPS], pr[P_PZ], smem);
 }
 
+// rescale with x = out (the logits were overwritten by the gradient): out ← go · out in the
+// accumulation dtype, rounded once, zero staying zero (rowmath::scaled); a row whose go is 1
+// reads and writes nothing. Bytes: N·C·sizeof(x) each way for the other rows.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) scale_kernel(KParams p) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t row = blockIdx.x;
+  if (rm::unit_row<acc_t>(p, row)) return;
+  const acc_t go = rm::raw_go<acc_t>(p, row);
+  scalar_t* orow = static_cast<scalar_t*>(p.out) + row * p.out_stride;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.slice;
+  const int64_t c1 = min(p.C, c0 + p.slice);
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+    orow[c] = static_cast<scalar_t>(rm::scaled(static_cast<acc_t>(orow[c]), go));
+  }
+}
+
+// Σ over rows of a per-row value in a fixed order: thread t sums rows t, t + 256, ... in double,
+// then a shared-memory tree in a fixed pattern (reduce_kernel and weights_kernel: the same sums).
+template <typename F>
+__device__ double block_sum_rows(int64_t N, F value) {
+  __shared__ double s[kThreads];
+  double v = 0;
+  for (int64_t i = threadIdx.x; i < N; i += kThreads) v += value(i);
+  s[threadIdx.x] = v;
+  __syncthreads();
+  for (int off = kThreads / 2; off > 0; off >>= 1) {
+    if (threadIdx.x < off) s[threadIdx.x] += s[threadIdx.x + off];
+    __syncthreads();
+  }
+  return s[0];
+}
+
+// Σ W_i from the targets alone (rowmath::row_weight, the W_i finalisation writes) into the pack's
+// totals row, summed as reduce_kernel sums them: "mean"'s denominator before the rows are read.
+template <typename acc_t>
+__global__ void weights_kernel(KParams p) {
+  const double sw = block_sum_rows(p.N, [&](int64_t i) { return double(rm::row_weight<acc_t>(p, i)); });
+  if (threadIdx.x == 0) ptr<acc_t>(p.pack)[p.N * kWidth + 0] = static_cast<acc_t>(sw);
+}
+
 // Σ W_i and Σ loss_i in a fixed order: thread t sums rows t, t + 256, ... in double, then a
 // shared-memory tree in a fixed pattern.
 template <typename acc_t>
 __global__ void reduce_kernel(KParams p) {
-  __shared__ double sw[kThreads], sl[kThreads];
   const acc_t* pk = ptr<acc_t>(p.pack);
-  double w = 0, l = 0;
-  for (int64_t i = threadIdx.x; i < p.N; i += kThreads) {
-    w += pk[i * kWidth + P_W];
-    l += pk[i * kWidth + P_LOSS];
-  }
-  sw[threadIdx.x] = w;
-  sl[threadIdx.x] = l;
-  __syncthreads();
-  for (int off = kThreads / 2; off > 0; off >>= 1) {
-    if (threadIdx.x < off) {
-      sw[threadIdx.x] += sw[threadIdx.x + off];
-      sl[threadIdx.x] += sl[threadIdx.x + off];
-    }
-    __syncthreads();
-  }
+  const double sw = block_sum_rows(p.N, [&](int64_t i) { return double(pk[i * kWidth + P_W]); });
+  __syncthreads();  // block_sum_rows' shared buffer is reused by the second sum
+  const double sl = block_sum_rows(p.N, [&](int64_t i) { return double(pk[i * kWidth + P_LOSS]); });
   if (threadIdx.x == 0) {
     acc_t* tot = ptr<acc_t>(p.pack) + p.N * kWidth;
     for (int c = 0; c < kWidth; ++c) tot[c] = acc_t(0);
-    tot[0] = static_cast<acc_t>(sw[0]);
-    tot[1] = static_cast<acc_t>(sl[0]);
+    tot[0] = static_cast<acc_t>(sw);
+    tot[1] = static_cast<acc_t>(sl);
     if (p.reduction == RED_SUM) ptr<acc_t>(p.loss)[0] = tot[1];
     if (p.reduction == RED_MEAN) ptr<acc_t>(p.loss)[0] = tot[1] / tot[0];
   }
@@ -456,6 +485,7 @@ struct CudaDevice {
   static void validate(const RowArgs&, at::ScalarType) {}  // device-side asserts in the kernels
   static void run(const RowArgs& a, int phases, const at::Tensor& x);
   static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss);
+  static void weights(const RowArgs& a, const at::Tensor& pack);
 };
 
 void CudaDevice::run(const RowArgs& a, int phases, const at::Tensor& x) {
@@ -495,7 +525,11 @@ void CudaDevice::run(const RowArgs& a, int phases, const at::Tensor& x) {
     p.vec = aligned16(a.x, a.x_stride, elem) && aligned16(a.out, a.out_stride, elem);
     const dim3 grid(static_cast<unsigned>(a.N), static_cast<unsigned>(S));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "fused_ls_grad", [&] {
-      grad_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(p);
+      if (a.scale_only) {
+        scale_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        grad_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(p);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
@@ -530,6 +564,18 @@ void CudaDevice::run(const RowArgs& a, int phases, const at::Tensor& x) {
     }
   });
   if (S > 1 && (phases & PH_GRAD)) run(a, PH_GRAD, x);
+}
+
+void CudaDevice::weights(const RowArgs& a, const at::Tensor& pack) {
+  c10::cuda::CUDAGuard guard(pack.device());
+  KParams p{};
+  static_cast<RowArgs&>(p) = a;
+  p.pack = pack.data_ptr();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(pack.scalar_type(), "fused_ls_weights", [&] {
+    weights_kernel<scalar_t><<<1, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void CudaDevice::reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss) {

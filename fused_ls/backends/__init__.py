@@ -6,7 +6,6 @@ from . import cpp_backend, cuda_backend, torch_backend, triton_backend  # noqa: 
 from .registry import (
     BACKEND_NAMES,
     ENV_VAR,
-    FORWARD_BACKWARD_MEAN,
     Backend,
     Request,
     acc_dtype,
@@ -19,7 +18,6 @@ from .registry import (
 __all__ = [
     "BACKEND_NAMES",
     "ENV_VAR",
-    "FORWARD_BACKWARD_MEAN",
     "Backend",
     "Request",
     "acc_dtype",

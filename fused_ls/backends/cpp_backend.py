@@ -55,6 +55,7 @@ def _register_fakes() -> None:
         "forward": lambda x, *p: fake_loss_pack(x, x.shape[0], Problem(*p)),
         "backward": lambda grad_loss, x, out, pack, *p: None,
         "forward_backward": lambda x, out, go, *p: fake_loss_pack(x, x.shape[0], Problem(*p)),
+        "rescale": lambda grad_loss, x, out, pack, *p: None,
         "row_stats": lambda x, *p: fake_stats(x),
         "finalize": lambda stats, *p: fake_loss_pack(stats, stats.shape[0], Problem(*p)),
     }
@@ -142,6 +143,9 @@ class ExtensionBackend(Backend):
 
     def forward_backward(self, x, out, grad_loss, p: Problem):
         return self.ops.ext_forward_backward(x, out, grad_loss, *p)
+
+    def rescale(self, grad_loss, x, out, pack, p: Problem) -> None:
+        self.ops.ext_rescale(grad_loss, x, out, pack, *p)
 
     def row_stats(self, x, p: Problem):
         return self.ops.ext_row_stats(x, *p)

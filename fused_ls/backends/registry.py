@@ -12,8 +12,15 @@ per-sample tensors and the scalar options, see ``fused_ls._problem``):
 ``backward(grad_loss, x, out, pack, p)``
     writes d(grad_loss · loss)/dx into ``out`` (which may be ``x`` itself).
 ``forward_backward(x, out, grad_loss, p) -> (loss, pack)``
-    both in one call, for rows whose upstream gradient ``grad_loss`` is known in advance
-    (reduction "none" or "sum" only): what the fused linear head uses per chunk.
+    both in one pass over each row, for an upstream gradient ``grad_loss`` known in advance
+    (every reduction: "mean"'s denominator Σ W_i depends only on the targets and class weights,
+    so it is known before the rows are read): what the loss's forward uses when autograd will
+    need the gradient, and the fused linear head per chunk.
+``rescale(grad_loss, x, out, pack, p)``
+    ``out`` holds the gradient for a unit upstream gradient (forward_backward's); make it that of
+    ``grad_loss``: rows (or all, for a scalar) whose upstream is 1 are left untouched (decided on
+    the device), the others are recomputed from ``x`` in one pass, or, when ``x`` is ``out``
+    itself (the logits were overwritten), scaled in place in the accumulation dtype.
 ``row_stats(x, p) -> stats``
     the unfinalised statistics of ``fused_ls._problem.STATS`` ([N, 8]), for the logits' columns
     ``[p.col_offset, p.col_offset + C)`` of ``p.num_classes``: what vocabulary sharding merges.
@@ -33,16 +40,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .._problem import R_MEAN, acc_dtype
+from .._problem import acc_dtype
 
 __all__ = ["BACKEND_NAMES", "Backend", "Request", "acc_dtype", "get", "is_small", "reasons_for"]
 
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
-FORWARD_BACKWARD_MEAN = (
-    "forward_backward needs the upstream gradient in advance: reduction 'none' or 'sum' "
-    "(scale a sum by 1/ΣW for a mean)"
-)
 ENV_VAR = "FUSED_LS_BACKEND"
+GRAD_IN_FORWARD_ENV = "FUSED_LS_GRAD_IN_FORWARD"
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,39 @@ class Backend:
         raise NotImplementedError
 
     def forward_backward(self, x, out, grad_loss, p):
-        if p.reduction == R_MEAN:
-            raise ValueError(FORWARD_BACKWARD_MEAN)
         loss, pack = self.forward(x, p)
         self.backward(grad_loss, x, out, pack, p)
         return loss, pack
+
+    def rescale(self, grad_loss, x, out, pack, p) -> None:
+        # (the portable form; the compiled backends do it in one kernel pass, skipping unit rows)
+        n = out.shape[0]
+        if n == 0:
+            return
+        go = grad_loss.reshape(-1)
+        if go.device.type == "cpu" and bool((go == 1).all()):  # no host sync on CPU
+            return
+        if x.data_ptr() != out.data_ptr():  # the logits are here: recompute, rounded once
+            self.backward(grad_loss, x, out, pack, p)
+            return
+        step = max(1, (1 << 20) // max(out.shape[1], 1))  # fp32 chunks of ~4 MiB
+        for s in range(0, n, step):
+            blk = out[s : s + step]
+            f = go[s : s + step, None] if go.numel() > 1 else go
+            v = blk.to(pack.dtype)
+            blk.copy_(torch.where(v == 0, 0, v * f))  # zero stays zero for any upstream
+
+    def grad_in_forward(self, device: torch.device) -> bool:
+        """Whether the loss computes the gradient in its forward on this device (fused_ls._ops):
+        on CPU always; on a GPU once this backend's path has been measured there
+        (``gpu_grad_in_forward``); ``$FUSED_LS_GRAD_IN_FORWARD`` = 1 / 0 forces it on / off."""
+        env = os.environ.get(GRAD_IN_FORWARD_ENV, "")
+        if env in ("0", "1"):
+            return env == "1"
+        return device.type == "cpu" or self.gpu_grad_in_forward
+
+    # measured on a GPU with the gradient in the forward (the defaults on CUDA follow)
+    gpu_grad_in_forward = False
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -23,7 +23,7 @@ import inspect
 import torch
 
 from .._problem import R_MEAN, R_NONE, WIDTH, Problem, validate
-from .registry import FORWARD_BACKWARD_MEAN, Backend, Request, register
+from .registry import Backend, Request, register
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -142,7 +142,7 @@ def _call_values(x: torch.Tensor, p: Problem) -> dict:
     # outputs and optional inputs of the launches: a valid pointer unless a launch sets them
     for name in ("OUT", "GO", "PACK", "LOSS", "STATS", "PART"):
         v[name] = p.mass
-    v["stride_o"] = 0
+    v.update(stride_o=0, go_mean=0, skip_unit=0, N=x.shape[0])
     v["num_warps"] = warps
     return v
 
@@ -214,10 +214,17 @@ class TritonBackend(Backend):
             args.update(X=part, stride_x=0, C=0)
         _launch(k._merge_kernel, (part.shape[0],), args, num_warps=1, **_ASSERTS)
 
-    def _reduce(self, pack, loss, p: Problem):
+    def _reduce(self, pack, loss, reduction: int):
         k, _ = _load()
-        args = dict(PACK=pack, LOSS=loss, N=pack.shape[0] - 1, reduction=p.reduction)
+        args = dict(PACK=pack, LOSS=loss, N=pack.shape[0] - 1, reduction=reduction)
         _launch(k._reduce_kernel, (1,), {**args, "BLOCK": k.REDUCE_BLOCK}, num_warps=4)
+
+    def _weights(self, v: dict, pack, loss) -> None:
+        """Σ W_i into the pack's totals row before the rows are read ("mean" in forward_backward),
+        summed as the final reduction sums the finalised W_i."""
+        k, _ = _load()
+        _launch(k._weights_kernel, (v["X"].shape[0],), {**v, "PACK": pack}, num_warps=1)
+        self._reduce(pack, loss, R_NONE)
 
     def _outputs(self, x, p: Problem):
         n = x.shape[0]
@@ -233,28 +240,29 @@ class TritonBackend(Backend):
         loss, pack = self._outputs(x, p)
         n = x.shape[0]
         if n == 0:
-            self._reduce(pack, loss, p)
+            self._reduce(pack, loss, p.reduction)
             return loss, pack
         v = _call_values(x, p)
+        mean = out is not None and p.reduction == R_MEAN
         with _device_guard(x):
+            if mean:
+                self._weights(v, pack, loss)
             if v["S"] == 1:
-                grad = {} if out is None else {"OUT": out, "GO": go}
+                grad = {} if out is None else {"OUT": out, "GO": go, "go_mean": int(mean)}
                 self._rows(v, finalize=True, grad=out is not None, PACK=pack, LOSS=loss, **grad)
             else:
                 self._merge(
                     v, self._partials(v), v["S"], gather=True, finalize=True, PACK=pack, LOSS=loss
                 )
                 if out is not None:
-                    self._grad(v, out, go, pack, mean=False)
-            self._reduce(pack, loss, p)
+                    self._grad(v, out, go, pack, mean=mean)
+            self._reduce(pack, loss, p.reduction)
         return loss, pack
 
     def forward(self, x, p: Problem):
         return self._finalised(x, p)
 
     def forward_backward(self, x, out, grad_loss, p: Problem):
-        if p.reduction == R_MEAN:
-            raise ValueError(FORWARD_BACKWARD_MEAN)
         return self._finalised(
             x, p, out=out, go=grad_loss.to(torch.float32).reshape(-1).contiguous()
         )
@@ -285,15 +293,29 @@ class TritonBackend(Backend):
                     v, stats.contiguous(), 1, gather=False, finalize=True, PACK=pack, LOSS=loss
                 )
         with _device_guard(stats):
-            self._reduce(pack, loss, p)
+            self._reduce(pack, loss, p.reduction)
         return loss, pack
 
-    def _grad(self, v: dict, out, go, pack, mean: bool):
+    def _grad(self, v: dict, out, go, pack, mean: bool, skip_unit: bool = False):
         k, _ = _load()
         x = v["X"]
         args = {**v, "OUT": out, "stride_o": out.stride(0), "GO": go, "PACK": pack}
-        args.update(go_mean=int(mean), N=x.shape[0], POINT_CHUNK=k.POINT_CHUNK)
+        args.update(go_mean=int(mean), skip_unit=int(skip_unit), POINT_CHUNK=k.POINT_CHUNK)
         _launch(k._grad_kernel, (x.shape[0], v["S"]), args, num_warps=v["num_warps"])
+
+    def rescale(self, grad_loss, x, out, pack, p: Problem) -> None:
+        n = x.shape[0]
+        if n == 0:
+            return
+        go = grad_loss.to(torch.float32).reshape(-1).contiguous()
+        v = _call_values(x, p)
+        with _device_guard(x):
+            if x.data_ptr() == out.data_ptr():  # the logits are gone: scale in place
+                k, _ = _load()
+                args = {**v, "OUT": out, "stride_o": out.stride(0), "GO": go}
+                _launch(k._scale_kernel, (n, v["S"]), args, num_warps=v["num_warps"])
+            else:  # recompute the rows whose upstream is not 1, from the logits
+                self._grad(v, out, go, pack, mean=p.reduction == R_MEAN, skip_unit=True)
 
     def backward(self, grad_loss, x, out, pack, p: Problem) -> None:
         n = x.shape[0]
