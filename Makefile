@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench bench-parallel microbench lint format info clean install-check
+.PHONY: venv test bench bench-full bench-parallel microbench lint format info clean install-check
 
 venv: $(STAMP)
 
@@ -23,9 +23,15 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 test: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-# The main job: the loss against PyTorch at LM sizes, the op's fixed cost at classifier sizes, and
-# the fused LM head. Each prints markdown tables and appends CSV rows under bench_out/.
+# The main job, quick (about 3 minutes on 2 cores): the loss against eager, torch.compile and the
+# copy/read floors at one LM size, the fixed cost at one classifier size, the fused LM head at one
+# size, each printed as it is measured (benchmarks/headline.py). Markdown and CSV under bench_out/.
 bench: venv
+	$(VPY) benchmarks/headline.py
+
+# The full sweep: the loss at LM sizes for every backend, the fixed cost at classifier sizes and
+# every mode, the fused LM head at six sizes (tens of minutes on 2 cores).
+bench-full: venv
 	$(VPY) benchmarks/bench.py
 	$(VPY) benchmarks/bench_overhead.py
 	$(VPY) benchmarks/bench_linear.py

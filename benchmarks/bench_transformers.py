@@ -57,7 +57,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import device_name, mmap_large_allocations, peak_extra_bytes  # noqa: E402
+from common import device_name, mmap_large_allocations, peak_extra_bytes  # noqa: E402
 
 import fused_ls  # noqa: E402
 from fused_ls.integrations.transformers import FusedLSTrainer  # noqa: E402
