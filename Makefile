@@ -1,12 +1,12 @@
-# Everyday targets. `make test` and `make bench` work on a fresh clone: they create or refresh
-# the local virtual environment .venv first (idempotent: a stamp file tracks its inputs).
+# Everyday targets. `make test`, `make bench` and `make docs` work on a fresh clone: they create or
+# refresh the local virtual environment .venv first (idempotent: stamp files track their inputs).
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench bench-full bench-parallel microbench lint format info clean install-check
+.PHONY: venv test bench bench-full bench-parallel microbench lint format info clean install-check docs
 
 venv: $(STAMP)
 
@@ -55,13 +55,26 @@ format: venv
 info: venv
 	$(VPY) -m fused_ls.info
 
+# The docs site: mkdocs (+ material, mkdocstrings) installed into .venv beside the package, which
+# mkdocstrings imports to read the signatures the entry points get at import time; --strict makes
+# every warning (a broken link, a docstring it cannot read) an error. Output: site/.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): requirements-docs.txt $(STAMP)
+	$(VPY) -m pip install -q -r requirements-docs.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --clean --site-dir site
+	$(VPY) scripts/check_docs.py site
+
 # Install as a user does: a clean copy of the tracked files, `pip install` with build isolation into
 # a fresh venv that has torch, the kernels built on first use (tests/test_install.py; a few minutes).
 install-check: venv
 	FUSED_LS_INSTALL_TEST=1 $(VPY) -m pytest -q -s tests/test_install.py
 
 clean:
-	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out
+	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out site
 
 # Compile-check the CUDA kernels (csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
 # on a machine with nvcc and no GPU (DESIGN.md §6). Fails on any compile error; nothing runs.
