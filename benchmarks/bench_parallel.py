@@ -240,7 +240,7 @@ def main() -> int:
                     collectives=len(calls),
                     bytes_per_rank=nbytes,
                     extra_peak_bytes=peak,
-                )  # fmt: skip
+                )
             )
     append_csv(os.path.join(args.out, "parallel.csv"), rows, torch.device("cpu"))
     return 0
