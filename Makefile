@@ -6,7 +6,8 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench bench-full bench-parallel microbench lint format info clean install-check docs
+.PHONY: venv test bench bench-full bench-parallel microbench lint format info clean install-check
+.PHONY: docs
 
 venv: $(STAMP)
 
@@ -23,9 +24,10 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 test: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-# The main job, quick (about 3 minutes on 2 cores): the loss against eager, torch.compile and the
-# copy/read floors at one LM size, the fixed cost at one classifier size, the fused LM head at one
-# size, each printed as it is measured (benchmarks/headline.py). Markdown and CSV under bench_out/.
+# The main job, quick (target: at most 4 minutes on 2 quiet cores): the loss against eager,
+# torch.compile and the copy/read floors at one LM size, the fixed cost at one classifier size, the
+# fused LM head at one size, each printed as it is measured (benchmarks/headline.py). Markdown and
+# CSV under bench_out/.
 bench: venv
 	$(VPY) benchmarks/headline.py
 

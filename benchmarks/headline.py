@@ -1,4 +1,4 @@
-"""The headline (``make bench``): what fused_ls gains, in about three minutes on a 2-core CPU.
+"""The headline (``make bench``): what fused_ls gains, in a few minutes on a 2-core CPU.
 
     python benchmarks/headline.py [--device cpu] [--rounds 5] [--out bench_out]
 
