@@ -179,7 +179,7 @@ def run_loss(
                 config=f"{N}x{V}",
                 dtype=str(dtype).replace("torch.", ""),
                 method=name,
-                pass_=kind,
+                step=kind,
                 min_ms=t[key].min * 1e3,
                 median_ms=t[key].median * 1e3,
                 rounds=rounds,
@@ -194,7 +194,7 @@ def run_loss(
         del result
         gc.collect()
     for r in rows:  # speed-ups over eager (same pass) and over torch.compile (forward+backward)
-        same = {x["method"]: x["min_ms"] for x in rows if x["pass_"] == r["pass_"]}
+        same = {x["method"]: x["min_ms"] for x in rows if x["step"] == r["step"]}
         r["vs_eager"] = same["torch eager"] / r["min_ms"]
         comp = same.get("torch.compile")
         r["vs_compile"] = comp / r["min_ms"] if comp else float("nan")
@@ -217,9 +217,9 @@ def loss_table(rows: list[dict], device: torch.device) -> str:
         return "—" if v != v else format(v, fmt)  # NaN: not applicable
 
     for r in rows:
-        fl = floors[r["pass_"]]
+        fl = floors[r["step"]]
         lines.append(
-            f"| {r['method']} | {r['pass_']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | "
+            f"| {r['method']} | {r['step']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | "
             f"{r['x_floor']:.2f} × {r['floor']} | {r['vs_eager']:.2f}× | "
             f"{num(r['vs_compile'], '.2f')}{'×' if r['vs_compile'] == r['vs_compile'] else ''} | "
             + (f"{r['gbps']:.0f} | {100 * fl['min_ms'] / r['min_ms']:.0f}% | " if gb else "")
@@ -234,7 +234,7 @@ def plot(all_rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in all_rows if r["pass_"] == FB]
+    rows = [r for r in all_rows if r["step"] == FB]
     sizes = [f"{r['config']}:{r['dtype']}" for r in rows]
     configs = list(dict.fromkeys(sizes))
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.9 + 0.45 * len(rows)))

@@ -26,6 +26,7 @@ import csv
 import ctypes
 import datetime
 import gc
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -60,12 +61,13 @@ def device_name(device: torch.device) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of python, torch and of fused_ls, triton and transformers when importable."""
+    """Versions of python, torch, and of fused_ls, triton and transformers when installed (read
+    from their metadata: nothing is imported)."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("fused_ls", "triton", "transformers"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - not installed, or broken: not part of this run
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             continue
     return out
 

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     )
     report(bench.loss_table(rows, device))
     append_csv(os.path.join(args.out, "bench.csv"), rows, device)
-    get = {(r["method"], r["pass_"]): r for r in rows}
+    get = {(r["method"], r["step"]): r for r in rows}
     fb, inpl, fwd = (get[(f"fused_ls[{b}]", bench.FB)], get[(f"fused_ls[{b}] inplace", bench.FB)],
                      get[(f"fused_ls[{b}]", bench.FWD)])  # fmt: skip
     summary.append(
