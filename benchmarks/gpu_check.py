@@ -316,6 +316,8 @@ def small_sizes(backends: list[str], reps: int = 200) -> str:
 
 def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str:
     """The fused LM head at N = 16384, H = 4096, V = 128256, bf16 (module docstring, item 5)."""
+    from bench_linear import fwd_bwd, three_matmuls
+
     import fused_ls
     from fused_ls.linear import chunk_rows
 
@@ -326,20 +328,10 @@ def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str
     y = torch.randint(0, V, (N,), device="cuda", generator=gen)
 
     def step(loss_fn):
-        def run():
-            x = x0.detach().requires_grad_(True)
-            w = w0.detach().requires_grad_(True)
-            loss_fn(x, w).backward()
-            return x.grad, w.grad
-
-        return run
-
-    def three_matmuls():
-        logits = x0 @ w0.t()
-        return logits @ w0, logits.t() @ x0
+        return fwd_bwd(loss_fn, x0, w0)
 
     methods = {
-        "3 matmuls (floor)": three_matmuls,
+        "3 matmuls (floor)": three_matmuls(x0, w0),
         "eager F.cross_entropy(F.linear)": step(
             lambda x, w: F.cross_entropy(F.linear(x, w).float(), y, label_smoothing=SMOOTHING)
         ),
