@@ -1,12 +1,13 @@
-# Everyday targets. `make test` and `make bench` work on a fresh clone: they create or refresh
-# the local virtual environment .venv first (idempotent: a stamp file tracks its inputs).
+# Everyday targets. `make test`, `make bench` and `make docs` work on a fresh clone: they create or
+# refresh the local virtual environment .venv first (idempotent: stamp files track their inputs).
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench bench-parallel microbench lint format info clean install-check
+.PHONY: venv test bench bench-full bench-parallel microbench lint format info clean install-check
+.PHONY: docs
 
 venv: $(STAMP)
 
@@ -23,9 +24,16 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 test: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-# The main job: the loss against PyTorch at LM sizes, the op's fixed cost at classifier sizes, and
-# the fused LM head. Each prints markdown tables and appends CSV rows under bench_out/.
+# The main job, quick (target: at most 4 minutes on 2 quiet cores): the loss against eager,
+# torch.compile and the copy/read floors at one LM size, the fixed cost at one classifier size, the
+# fused LM head at one size, each printed as it is measured (benchmarks/headline.py). Markdown and
+# CSV under bench_out/.
 bench: venv
+	$(VPY) benchmarks/headline.py
+
+# The full sweep: the loss at LM sizes for every backend, the fixed cost at classifier sizes and
+# every mode, the fused LM head at six sizes (tens of minutes on 2 cores).
+bench-full: venv
 	$(VPY) benchmarks/bench.py
 	$(VPY) benchmarks/bench_overhead.py
 	$(VPY) benchmarks/bench_linear.py
@@ -49,13 +57,26 @@ format: venv
 info: venv
 	$(VPY) -m fused_ls.info
 
+# The docs site: mkdocs (+ material, mkdocstrings) installed into .venv beside the package, which
+# mkdocstrings imports to read the signatures the entry points get at import time; --strict makes
+# every warning (a broken link, a docstring it cannot read) an error. Output: site/.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): requirements-docs.txt $(STAMP)
+	$(VPY) -m pip install -q -r requirements-docs.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --clean --site-dir site
+	$(VPY) scripts/check_docs.py site
+
 # Install as a user does: a clean copy of the tracked files, `pip install` with build isolation into
 # a fresh venv that has torch, the kernels built on first use (tests/test_install.py; a few minutes).
 install-check: venv
 	FUSED_LS_INSTALL_TEST=1 $(VPY) -m pytest -q -s tests/test_install.py
 
 clean:
-	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out
+	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out site
 
 # Compile-check the CUDA kernels (csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
 # on a machine with nvcc and no GPU (DESIGN.md §6). Fails on any compile error; nothing runs.

@@ -1,44 +1,53 @@
-"""The main benchmark (`make bench`): forward+backward of label-smoothed cross-entropy.
+"""The loss at LM sizes: fused_ls against eager PyTorch, ``torch.compile`` and the memory floors.
 
-Compares every backend of fused_ls that can run on the device (and its in-place-backward
-variant) with eager ``F.cross_entropy(label_smoothing=0.1)`` and ``torch.compile`` of it, and with
-a plain copy of the logits (the memory floor: one read + one write of N×V elements, which is
-what a fused forward+backward must at least do), into an existing buffer and as a clone. For
-each (N, V, dtype) it reports
+    python benchmarks/bench.py [--device cpu] [--configs 4096x32000:fp32 ...] [--rounds 5]
+                               [--backends cpp,torch] [--no-compile] [--out bench_out]
 
-- the median time of forward+backward over ``--reps`` runs (after a warm-up run),
-- the time as a multiple of a copy into an existing buffer, and on CUDA the bandwidth under the
-  byte model "one read of the logits + one write of the gradient" against the measured copy
-  bandwidth,
-- the extra peak memory above what existed before the call, as a multiple of the logits' bytes
-  (CPU: the process's peak resident set, reset through /proc/self/clear_refs; CUDA: the caching
-  allocator's peak),
-- the max error of the loss and of the gradient against F.cross_entropy in float64 (which the
-  test suite shows equal to the dense reference for uniform smoothing).
+For each (N, V, dtype), interleaved round by round over ``--rounds`` rounds after one untimed
+warm-up call of each variant (``torch.compile`` compiles there):
 
-It prints a markdown table, appends rows to ``bench_out/bench.csv`` (with device, versions and a
-timestamp) and draws ``bench_out/bench.png``. The default grid finishes in about 3 minutes on a
-2-core CPU.
+- the memory floors, measured in the same run: a copy of the logits into an existing buffer
+  (one read + one write of N×V elements: what a fused forward+backward must at least move), a
+  read of them (``x.sum()``: what a forward must at least move), and a clone (a copy into fresh
+  memory: what a fresh gradient buffer costs in page faults on the CPU);
+- forward+backward (``torch.autograd.grad``: no accumulation into ``.grad``) of eager
+  ``F.cross_entropy(label_smoothing=0.1)``, ``torch.compile`` of it, and for each fused_ls
+  backend: with a fresh gradient buffer and with ``inplace_backward=True`` (the gradient written
+  over the logits, restored untimed before each call);
+- the forward alone under ``torch.no_grad()`` of eager and of each fused_ls backend.
+
+Reported per variant: the minimum (and the median) over the rounds, the time as a multiple of
+its floor (× copy for forward+backward, × read for the forward), the speed-up over eager (same
+pass) and over ``torch.compile`` (forward+backward), the extra peak memory as a multiple of the
+logits (CPU: peak resident set; CUDA: the caching allocator's peak), the max error of the loss
+and of the gradient against ``F.cross_entropy`` in float64, and on CUDA the bandwidth under the
+byte model (2·N·V·b for forward+backward, N·V·b for the forward) against the floor's. Prints
+markdown tables (kept in ``<out>/bench.md``), appends rows to ``<out>/bench.csv`` and draws
+``<out>/bench.png``. ``make bench-full`` runs the default grid; ``make bench``
+(``headline.py``) runs one size of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import ctypes
-import datetime
 import gc
 import os
-import platform
-import statistics
 import sys
-import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import (  # noqa: E402
+    Progress,
+    Report,
+    append_csv,
+    device_name,
+    header,
+    interleaved,
+    peak_extra_bytes,
+)
+
 import fused_ls  # noqa: E402
 from fused_ls.backends import Request, reasons_for  # noqa: E402
 
@@ -48,329 +57,238 @@ DEFAULT_GRID = {
     "cpu": ["4096x32000:fp32", "4096x32000:bf16", "1024x128256:fp32"],
     "cuda": ["16384x32000:bf16", "16384x32000:fp32", "16384x128256:bf16", "8192x128256:fp32"],
 }
+FB, FWD = "fwd+bwd", "forward"
+COPY, READ = "copy into existing buffer", "read (x.sum())"
 
 
-# ---------------------------------------------------------------------------------------------
-# memory: the peak above the baseline while `fn` runs
-# ---------------------------------------------------------------------------------------------
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def parse_config(spec: str) -> tuple[int, int, torch.dtype, str]:
+    shape, dt = spec.split(":")
+    N, V = (int(v) for v in shape.split("x"))
+    return N, V, DTYPES[dt], dt
 
 
-def mmap_large_allocations(threshold: int = 1 << 16) -> None:
-    """glibc: allocations ≥ threshold get their own mmap, returned to the OS when freed. Without
-    this a call's temporaries can reuse heap pages an earlier call left resident, and the peak
-    resident set does not see them (the fused head's chunk buffers measured 0)."""
-    M_MMAP_THRESHOLD = -3
-    try:
-        ok = ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except OSError:
-        ok = 0
-    if not ok:
-        warnings.warn(
-            "mallopt unavailable (not glibc): freed heap pages may hide peaks", stacklevel=2
-        )
-
-
-def append_csv(path: str, header: list[str], rows: list) -> None:
-    """Append rows (lists in header order) to a CSV file, writing the header when new."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(header)
-        w.writerows(rows)
-    print(f"\nrows appended to {path}")
-
-
-def peak_extra_bytes(fn, device: torch.device) -> int:
-    """Peak memory above the start while fn() runs (CPU: resident set, with
-    mmap_large_allocations in effect; CUDA: the caching allocator's peak)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
-    base = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - base) * 1024
-
-
-def timed(fn, device: torch.device, reps: int, setup=None) -> float:
-    """Median wall time of fn() over `reps` runs after one warm-up; `setup` runs untimed."""
-    times = []
-    for i in range(reps + 1):
-        if setup:
-            setup()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved(
-    fns: dict, rounds: int, device: torch.device, warmup: int = 3, collect: bool = False
-) -> dict[str, float]:
-    """Median seconds of each function over ``rounds`` rounds in which the functions take turns,
-    after ``warmup`` untimed calls of each (torch.compile's compilation among them); ``collect``:
-    a garbage-collection pass before each timed call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            if collect:
-                gc.collect()
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# the contenders
-# ---------------------------------------------------------------------------------------------
-def methods(device: torch.device, dtype: torch.dtype, V: int, with_compile: bool):
-    """(name, loss function, in-place?) for everything that can run here."""
-    eager = lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS)  # noqa: E731
-    out = [("torch eager", eager, False)]
-    if with_compile:
-        out.append(("torch.compile", torch.compile(eager), False))
+def serving_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The fused_ls backends that can serve uniform smoothing on this device and dtype."""
     req = Request(device.type, dtype, False, False)
-    for b in fused_ls.BACKEND_NAMES:
-        if reasons_for(b, req):
-            continue
-
-        def fused(x, y, b=b, inplace=False):
-            return fused_ls.label_smoothing_cross_entropy(
-                x, y, EPS, backend=b, inplace_backward=inplace
-            )
-
-        out.append((f"fused_ls:{b}", fused, False))
-        out.append((f"fused_ls:{b} inplace", lambda x, y, f=fused: f(x, y, inplace=True), True))
-    return out
+    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
 
 
-def run_config(N, V, dtype, device, reps, with_compile, progress):
-    g = torch.Generator(device="cpu").manual_seed(0)
+def run_loss(
+    N: int,
+    V: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    rounds: int,
+    backends: list[str],
+    with_compile: bool = True,
+    with_clone: bool = True,
+    progress=None,
+) -> tuple[list[dict], int]:
+    """Measure every variant of the module docstring at one size: (rows, logits' bytes)."""
+    progress = progress or Progress()
+    g = torch.Generator().manual_seed(0)
     logits = (torch.randn(N, V, generator=g) * 2).to(device=device, dtype=dtype)
     target = torch.randint(0, V, (N,), generator=g).to(device)
-    target[::97] = -100
+    target[::97] = -100  # about 1% ignored rows
     nbytes = logits.numel() * logits.element_size()
 
-    # reference: F.cross_entropy in float64 (semantics identical for uniform smoothing)
+    # the reference: F.cross_entropy in float64 (equal to the dense reference for uniform ε)
     progress("reference (float64)")
     x64 = logits.double().requires_grad_(True)
-    ref_loss = F.cross_entropy(x64, target, label_smoothing=EPS)
-    ref_loss.backward()
-    ref_grad = x64.grad.to(dtype)  # only the precision of the output dtype is meaningful
-    ref_loss = ref_loss.detach()
-    del x64
+    ref = F.cross_entropy(x64, target, label_smoothing=EPS)
+    ref.backward()
+    ref_loss, ref_grad = ref.detach(), x64.grad.to(dtype).double()
+    del x64, ref
     gc.collect()
 
-    rows = []
-    progress("copy")
-    # The floor: one read + one write of N×V elements into an existing buffer. A clone also pays
-    # for fresh pages (on CPU the kernel's page faults and zeroing), as any fresh gradient does.
-    dst = torch.empty_like(logits)
-    dst.copy_(logits)
-    copy_t = timed(lambda: dst.copy_(logits), device, reps)
-    dst = None
-    clone_t = timed(lambda: logits.clone(), device, reps)
-    for name, t, mem in (
-        ("copy into existing buffer", copy_t, 0.0),
-        ("clone of logits", clone_t, 1.0),
-    ):
-        rows.append(
-            dict(
-                method=name,
-                time_ms=t * 1e3,
-                x_copy=t / copy_t,
-                gbps=2 * nbytes / t / 1e9,
-                pct_copy=100 * copy_t / t,
-                mem_x=mem,
-                loss_err=0.0,
-                grad_err=0.0,
-            )
+    eager = lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS)  # noqa: E731
+    losses = {"torch eager": eager}
+    if with_compile:
+        losses["torch.compile"] = torch.compile(eager)
+    for b in backends:
+        losses[f"fused_ls[{b}]"] = lambda x, y, b=b: fused_ls.label_smoothing_cross_entropy(
+            x, y, EPS, backend=b
+        )
+        losses[f"fused_ls[{b}] inplace"] = lambda x, y, b=b: fused_ls.label_smoothing_cross_entropy(
+            x, y, EPS, backend=b, inplace_backward=True
         )
 
-    for name, fn, inplace in methods(device, dtype, V, with_compile):
-        progress(name)
-        buf = logits.clone().requires_grad_(True)
-        state = {}
+    buf = logits.clone().requires_grad_(True)  # the non-in-place variants leave it intact
+    buf_in = logits.clone().requires_grad_(True)  # overwritten by each in-place backward
+    dst = torch.empty_like(logits)
 
-        def setup():
-            state.clear()
-            if inplace:  # the previous run overwrote the logits with the gradient
-                with torch.no_grad():
-                    buf.copy_(logits)
+    def restore():
+        with torch.no_grad():
+            buf_in.copy_(logits)
 
+    def fwd_bwd(loss_fn, x):
         def step():
-            # autograd.grad, not .backward(): it measures the loss's own forward+backward, with
-            # no gradient accumulation into a .grad buffer (which would copy an aliasing grad)
-            loss = fn(buf, target)
-            (state["grad"],) = torch.autograd.grad(loss, buf)
-            state["loss"] = loss.detach()
+            loss = loss_fn(x, target)
+            (grad,) = torch.autograd.grad(loss, x)
+            return loss.detach(), grad
 
-        t = timed(step, device, reps, setup)
-        setup()
-        mem = peak_extra_bytes(step, device)
-        loss_err = (state["loss"].double() - ref_loss).abs().item()
-        grad_err = (state["grad"].double() - ref_grad.double()).abs().max().item()
+        return step
+
+    def forward(loss_fn):
+        def step():
+            with torch.no_grad():
+                return loss_fn(logits, target), None
+
+        return step
+
+    # (name, pass) → (function, setup or None)
+    variants = {(COPY, FB): (lambda: dst.copy_(logits), None), (READ, FWD): (logits.sum, None)}
+    if with_clone:
+        variants[("clone of logits", FB)] = (logits.clone, None)
+    for name, fn in losses.items():
+        inplace = name.endswith("inplace")
+        x = buf_in if inplace else buf
+        variants[(name, FB)] = (fwd_bwd(fn, x), restore if inplace else None)
+    variants[("torch eager", FWD)] = (forward(eager), None)
+    for b in backends:
+        variants[(f"fused_ls[{b}]", FWD)] = (forward(losses[f"fused_ls[{b}]"]), None)
+
+    progress(f"warm-up of {len(variants)} variants" + (" (torch.compile compiles)" * with_compile))
+    t = interleaved(
+        {k: v[0] for k, v in variants.items()},
+        rounds,
+        device,
+        warmup=1,
+        setup={k: v[1] for k, v in variants.items() if v[1]},
+        progress=progress,
+    )
+
+    progress("peak memory and errors")
+    rows = []
+    for key, (fn, setup) in variants.items():
+        name, kind = key
+        if setup:
+            setup()
+        held: list = []  # the result stays alive through the measurement, as a caller's would
+        mem = peak_extra_bytes(lambda fn=fn, held=held: held.append(fn()), device)
+        result = held.pop()
+        loss_err = grad_err = float("nan")
+        if isinstance(result, tuple):  # a loss variant: (loss, gradient or None)
+            loss, grad = result
+            loss_err = (loss.double() - ref_loss).abs().item()
+            if grad is not None:
+                grad_err = (grad.double() - ref_grad).abs().max().item()
+        floor = t[(COPY, FB)] if kind == FB else t[(READ, FWD)]
         rows.append(
             dict(
+                config=f"{N}x{V}",
+                dtype=str(dtype).replace("torch.", ""),
                 method=name,
-                time_ms=t * 1e3,
-                x_copy=t / copy_t,
-                gbps=2 * nbytes / t / 1e9,
-                pct_copy=100 * copy_t / t,
+                step=kind,
+                min_ms=t[key].min * 1e3,
+                median_ms=t[key].median * 1e3,
+                rounds=rounds,
+                x_floor=t[key].min / floor.min,
+                floor="copy" if kind == FB else "read",
+                gbps=(2 if kind == FB else 1) * nbytes / t[key].min / 1e9,
                 mem_x=mem / nbytes,
                 loss_err=loss_err,
                 grad_err=grad_err,
             )
         )
-        state.clear()
-        buf = None
+        del result
         gc.collect()
-    eager_t = next(r["time_ms"] for r in rows if r["method"] == "torch eager")
-    for r in rows:
-        r["speedup_vs_eager"] = eager_t / r["time_ms"]
+    for r in rows:  # speed-ups over eager (same pass) and over torch.compile (forward+backward)
+        same = {x["method"]: x["min_ms"] for x in rows if x["step"] == r["step"]}
+        r["vs_eager"] = same["torch eager"] / r["min_ms"]
+        comp = same.get("torch.compile")
+        r["vs_compile"] = comp / r["min_ms"] if comp else float("nan")
     return rows, nbytes
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+def loss_table(rows: list[dict], device: torch.device) -> str:
+    """The rows of one size as a markdown table."""
+    gb = device.type == "cuda"
+    head = (
+        "| method | pass | time (ms, min) | median | × floor | vs eager | vs compile | "
+        + ("GB/s | % of floor | " if gb else "")
+        + "extra peak memory (× logits) | loss err | grad err |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    floors = {FB: next(r for r in rows if r["method"] == COPY)}
+    floors[FWD] = next(r for r in rows if r["method"] == READ)
+
+    def num(v, fmt):
+        return "—" if v != v else format(v, fmt)  # NaN: not applicable
+
+    for r in rows:
+        fl = floors[r["step"]]
+        lines.append(
+            f"| {r['method']} | {r['step']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | "
+            f"{r['x_floor']:.2f} × {r['floor']} | {r['vs_eager']:.2f}× | "
+            f"{num(r['vs_compile'], '.2f')}{'×' if r['vs_compile'] == r['vs_compile'] else ''} | "
+            + (f"{r['gbps']:.0f} | {100 * fl['min_ms'] / r['min_ms']:.0f}% | " if gb else "")
+            + f"{r['mem_x']:.2f} | {num(r['loss_err'], '.1e')} | {num(r['grad_err'], '.1e')} |"
+        )
+    return "\n".join(lines)
 
 
-def plot(all_rows, path):
+def plot(all_rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = list(dict.fromkeys(r["config"] for r in all_rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.9 + 0.45 * len(all_rows)))
-    labels = [f"{r['config']}  {r['method']}" for r in all_rows]
-    colors = [f"C{configs.index(r['config'])}" for r in all_rows]
-    ys = range(len(all_rows))
-    axes[0].barh(ys, [r["time_ms"] for r in all_rows], color=colors)
+    rows = [r for r in all_rows if r["step"] == FB]
+    sizes = [f"{r['config']}:{r['dtype']}" for r in rows]
+    configs = list(dict.fromkeys(sizes))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.9 + 0.45 * len(rows)))
+    labels = [f"{s}  {r['method']}" for s, r in zip(sizes, rows, strict=True)]
+    colors = [f"C{configs.index(s)}" for s in sizes]
+    ys = range(len(rows))
+    axes[0].barh(ys, [r["min_ms"] for r in rows], color=colors)
     axes[0].set_yticks(list(ys), labels, fontsize=8)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("forward+backward time (ms, median)")
-    axes[1].barh(ys, [r["mem_x"] for r in all_rows], color=colors)
-    axes[1].set_yticks(list(ys), [""] * len(all_rows))
+    axes[0].set_xlabel("forward+backward time (ms, min of rounds)")
+    axes[1].barh(ys, [r["mem_x"] for r in rows], color=colors)
+    axes[1].set_yticks(list(ys), [""] * len(rows))
     axes[1].invert_yaxis()
     axes[1].set_xlabel("extra peak memory (× logits bytes)")
-    fig.suptitle(f"fused_ls benchmark on {all_rows[0]['device']}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--configs", nargs="*", help="NxV:dtype entries, e.g. 4096x32000:fp32")
-    ap.add_argument("--reps", type=int, default=None, help="timed runs (default 3 CPU, 20 CUDA)")
+    ap.add_argument("--rounds", type=int, help="timed rounds (default 5 CPU, 20 CUDA)")
+    ap.add_argument("--backends", default="", help="comma list (default: every one that serves)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--out", default="bench_out", help="folder for the CSV and the PNG")
+    ap.add_argument("--out", default="bench_out", help="folder for the CSV, markdown and PNG")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    reps = args.reps or (20 if device.type == "cuda" else 3)
+    rounds = args.rounds or (20 if device.type == "cuda" else 5)
     configs = args.configs or DEFAULT_GRID[device.type]
-    os.makedirs(args.out, exist_ok=True)
-    dev_name = device_name(device)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    print(f"# fused_ls benchmark — {dev_name}, torch {torch.__version__}, {stamp}")
-    print(f"# backends: {fused_ls.available_backends()}")
+    report = Report(os.path.join(args.out, "bench.md"))
+    report(header("fused_ls: the loss at LM sizes (benchmarks/bench.py)", device))
+    report(f"backends here: {fused_ls.available_backends()}")
     all_rows = []
-    t_start = time.perf_counter()
-    for ci, cfg in enumerate(configs):
-        shape, dt = cfg.split(":")
-        N, V = map(int, shape.split("x"))
-        dtype = DTYPES[dt]
-
-        def progress(what, ci=ci, cfg=cfg):
-            el = time.perf_counter() - t_start
-            print(
-                f"  [{ci + 1}/{len(configs)} {cfg} | {el:5.0f}s] {what} ...",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        rows, nbytes = run_config(N, V, dtype, device, reps, not args.no_compile, progress)
-        print(f"\n### N={N}, V={V}, {dt} (logits: {nbytes / 2**20:.0f} MiB)\n")
-        gb = device.type == "cuda"
-        head = (
-            "| method | time (ms) | vs eager | × copy | "
-            + ("GB/s | % of copy | " if gb else "")
-            + "extra peak mem (× logits) | loss err | grad err |"
+    clock = Progress()
+    for i, cfg in enumerate(configs):
+        N, V, dtype, dt = parse_config(cfg)
+        backends = [b for b in args.backends.split(",") if b] or serving_backends(device, dtype)
+        progress = clock.sub(f"{i + 1}/{len(configs)} {cfg}")
+        rows, nbytes = run_loss(
+            N, V, dtype, device, rounds, backends, not args.no_compile, True, progress
         )
-        print(head)
-        print("|" + "---|" * (head.count("|") - 1))
-        for r in rows:
-            r.update(
-                config=f"{N}x{V}:{dt}", device=dev_name, torch=torch.__version__, timestamp=stamp
-            )
-            print(
-                f"| {r['method']} | {r['time_ms']:.1f} | {r['speedup_vs_eager']:.2f}× | "
-                f"{r['x_copy']:.2f} | "
-                + (f"{r['gbps']:.0f} | {r['pct_copy']:.0f}% | " if gb else "")
-                + f"{r['mem_x']:.2f} | {r['loss_err']:.1e} | {r['grad_err']:.1e} |"
-            )
+        report(f"\n## N = {N}, V = {V}, {dt} (logits: {nbytes / 2**20:.0f} MiB), ε = {EPS}\n")
+        report(loss_table(rows, device))
         all_rows.extend(rows)
-    csv_path = os.path.join(args.out, "bench.csv")
-    fields = [
-        "timestamp",
-        "device",
-        "torch",
-        "config",
-        "method",
-        "time_ms",
-        "speedup_vs_eager",
-        "x_copy",
-        "gbps",
-        "pct_copy",
-        "mem_x",
-        "loss_err",
-        "grad_err",
-    ]
-    append_csv(csv_path, fields, [[r.get(k, "") for k in fields] for r in all_rows])
+    append_csv(os.path.join(args.out, "bench.csv"), all_rows, device)
     png = os.path.join(args.out, "bench.png")
-    plot(all_rows, png)
-    print(f"\nwrote {csv_path} and {png} in {time.perf_counter() - t_start:.0f}s")
+    plot(all_rows, png, f"fused_ls loss benchmark on {device_name(device)}")
+    report(f"\nwrote {png}; {clock.elapsed():.0f} s in all")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

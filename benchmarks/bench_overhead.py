@@ -1,9 +1,10 @@
 """The op's fixed cost: forward+backward time at classifier sizes, against F.cross_entropy.
 
-    python benchmarks/bench_overhead.py [--device cpu] [--rounds 200] [--csv bench_out/overhead.csv]
+    python benchmarks/bench_overhead.py [--device cpu] [--rounds 200] [--out bench_out]
 
-Two tables, each the median over ``--rounds`` interleaved rounds (every variant runs once per
-round, in turn, so that drift of a shared machine hits them alike):
+Two tables, each the median over interleaved rounds (``common.interleaved``: every variant runs
+once per round, in turn, so that drift of a shared machine hits them alike; ``--rounds`` at
+256×100, fewer at larger sizes):
 
 1. uniform smoothing (ε = 0.1) at 64×10, 256×100, 256×1000, 1024×1000 and 8192×1000 for every
    backend that serves the device, as time and as a ratio to F.cross_entropy(label_smoothing=0.1)
@@ -15,14 +16,15 @@ round, in turn, so that drift of a shared machine hits them alike):
 Beside each, the number of op dispatches per forward+backward call, counted with the torch
 profiler: events named ``aten::*`` or ``fused_ls::*`` (nested ones included: an op that calls
 another counts twice; the autograd engine's own events do not count). On CUDA these are the
-kernel launches' upper bound. Rows are appended to the CSV with the machine and versions.
+kernel launches' upper bound. The markdown is kept in ``<out>/overhead.md`` and the rows are
+appended to ``<out>/overhead.csv`` with the machine and versions. ``make bench`` (``headline.py``)
+runs the 256×1000 row (``uniform_size``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import sys
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench import append_csv, device_name, interleaved  # noqa: E402
+from common import Report, Timing, append_csv, header, interleaved  # noqa: E402
 
 import fused_ls  # noqa: E402
 from fused_ls import ConfidenceAdaptive, SparseSimilarity  # noqa: E402
@@ -40,11 +42,6 @@ from fused_ls.backends import Request, reasons_for  # noqa: E402
 EPS = 0.1
 SIZES = [(64, 10), (256, 100), (256, 1000), (1024, 1000), (8192, 1000)]
 MODE_SIZE = (256, 100)
-
-
-def machine(device: torch.device) -> str:
-    threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
-    return device_name(device) + threads
 
 
 def modes(C: int, N: int, device, dense: bool = True) -> dict[str, dict]:
@@ -124,61 +121,78 @@ def op_count(fn) -> int:
     return sum(1 for e in prof.events() if e.name.startswith(("aten::", "fused_ls::")))
 
 
+def uniform_size(N: int, C: int, dev, names: list[str], rounds: int) -> dict[str, tuple]:
+    """{"F.cross_entropy" or backend: (Timing, ops per call)} of uniform ε at N × C, interleaved
+    over ``rounds`` rounds."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, generator=g).to(dev).requires_grad_(True)
+    y = torch.randint(0, C, (N,), generator=g).to(dev)
+    fns = {"F.cross_entropy": step_fn(x, y, None, {})}
+    fns.update({b: step_fn(x, y, b, {}) for b in names})
+    t = interleaved(fns, rounds, dev, warmup=3)
+    return {k: (t[k], op_count(f)) for k, f in fns.items()}
+
+
+def csv_row(mode: str, N: int, C: int, method: str, t: Timing, ops: int) -> dict:
+    return dict(mode=mode, N=N, C=C, method=method, min_s=t.min, median_s=t.median,
+                rounds=len(t.runs), ops_per_call=ops)  # fmt: skip
+
+
+def size_rows(N: int, C: int, res: dict, stat: str) -> tuple[str, list[dict]]:
+    """A markdown table row of ``uniform_size``'s result (``stat``: "min" or "median") and the
+    CSV rows."""
+    base = getattr(res["F.cross_entropy"][0], stat)
+    cells = [f"{base * 1e3:.3f} ms ({res['F.cross_entropy'][1]} ops)"]
+    rows = []
+    for name, (t, ops) in res.items():
+        v = getattr(t, stat)
+        if name != "F.cross_entropy":
+            cells.append(f"{v * 1e3:.3f} ms ({v / base:.2f}×, {ops} ops)")
+        rows.append(csv_row("uniform", N, C, name, t, ops))
+    return f"| {N} × {C} | " + " | ".join(cells) + " |", rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=200)
-    ap.add_argument("--csv", default="bench_out/overhead.csv")
+    ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
     dev = torch.device(args.device)
     names = backends_for(dev)
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    where = machine(dev)
-    print(f"# fused_ls op overhead — {where}, torch {torch.__version__}, {stamp}\n")
+    report = Report(os.path.join(args.out, "overhead.md"))
+    report(header("fused_ls: the fixed cost per call (benchmarks/bench_overhead.py)", dev))
     rows = []
 
-    print("## uniform ε = 0.1, forward+backward (median of interleaved rounds)\n")
-    head = "| N × C | F.cross_entropy | " + " | ".join(f"`{b}`" for b in names) + " |"
-    print(head)
-    print("|" + "---|" * (2 + len(names)))
+    report("## uniform ε = 0.1, forward+backward (median of interleaved rounds)\n")
+    report("| N × C | F.cross_entropy | " + " | ".join(f"`{b}`" for b in names) + " |")
+    report("|" + "---|" * (2 + len(names)))
     for N, C in SIZES:
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(N, C, generator=g).to(dev).requires_grad_(True)
-        y = torch.randint(0, C, (N,), generator=g).to(dev)
-        fns = {"F.cross_entropy": step_fn(x, y, None, {})}
-        fns.update({b: step_fn(x, y, b, {}) for b in names})
         rounds = max(5, args.rounds * 256 * 100 // max(N * C, 256 * 100))
-        t = interleaved(fns, rounds, dev)
-        ops = {k: op_count(f) for k, f in fns.items()}
-        base = t["F.cross_entropy"]
-        cells = [f"{base * 1e3:.3f} ms ({ops['F.cross_entropy']} ops)"]
-        for b in names:
-            cells.append(f"{t[b] * 1e3:.3f} ms ({t[b] / base:.2f}×, {ops[b]} ops)")
-            rows.append([stamp, where, torch.__version__, "uniform", N, C, b, t[b], base, ops[b]])
-        print(f"| {N} × {C} | " + " | ".join(cells) + " |")
+        line, r = size_rows(N, C, uniform_size(N, C, dev, names, rounds), "median")
+        report(line)
+        rows += r
 
     N, C = MODE_SIZE
-    print(f"\n## every mode at {N} × {C}: time / uniform F.cross_entropy (ops per call)\n")
-    print("| mode | " + " | ".join(f"`{b}`" for b in names) + " |")
-    print("|" + "---|" * (1 + len(names)))
+    report(f"\n## every mode at {N} × {C}: time / uniform F.cross_entropy (ops per call)\n")
+    report("| mode | " + " | ".join(f"`{b}`" for b in names) + " |")
+    report("|" + "---|" * (1 + len(names)))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(N, C, generator=g).to(dev).requires_grad_(True)
     y = torch.randint(0, C, (N,), generator=g).to(dev)
     for mode, kw in modes(C, N, dev).items():
         fns = {"F.cross_entropy": step_fn(x, y, None, {})}
         fns.update({b: step_fn(x, y, b, kw) for b in names})
-        t = interleaved(fns, args.rounds, dev)
-        base = t["F.cross_entropy"]
+        t = interleaved(fns, args.rounds, dev, warmup=3)
+        base = t["F.cross_entropy"].median
         cells = []
         for b in names:
             n_ops = op_count(fns[b])
-            cells.append(f"{t[b] / base:.2f}× ({n_ops})")
-            rows.append([stamp, where, torch.__version__, mode, N, C, b, t[b], base, n_ops])
-        print(f"| {mode} | " + " | ".join(cells) + " |")
+            cells.append(f"{t[b].median / base:.2f}× ({n_ops})")
+            rows.append(csv_row(mode, N, C, b, t[b], n_ops))
+        report(f"| {mode} | " + " | ".join(cells) + " |")
 
-    header = ["timestamp", "machine", "torch", "mode", "N", "C", "backend", "seconds",
-              "f_cross_entropy_seconds", "ops_per_call"]  # fmt: skip
-    append_csv(args.csv, header, rows)
+    append_csv(os.path.join(args.out, "overhead.csv"), rows, dev)
     return 0
 
 

@@ -31,9 +31,7 @@ import argparse
 import datetime
 import os
 import socket
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench import append_csv, device_name, peak_extra_bytes  # noqa: E402
+from common import append_csv, device_name, interleaved, peak_extra_bytes  # noqa: E402
 
 import fused_ls  # noqa: E402
 
@@ -153,23 +151,21 @@ def _run(rank: int, who: str, threads: int, fn) -> None:
 
 
 def measure(rank: int, contenders: dict, reps: int) -> dict:
-    """{name: (median seconds, collectives per call, bytes contributed per call, peak extra)}."""
-    for who, threads, fn in contenders.values():  # warm-up (and the one-time size exchange)
-        _run(rank, who, threads, fn)
-    times = {name: [] for name in contenders}
-    for _ in range(reps):
-        for name, (who, threads, fn) in contenders.items():
-            t0 = time.perf_counter()
-            _run(rank, who, threads, fn)
-            times[name].append(time.perf_counter() - t0)
+    """{name: (median seconds, collectives per call, bytes contributed per call, peak extra)};
+    the contenders take turns round by round after one warm-up call each (which also makes the
+    one-time size exchange), every rank running the same sequence of barriers."""
+    cpu = torch.device("cpu")
+    calls = {
+        name: (lambda w=who, t=threads, f=fn: _run(rank, w, t, f))
+        for name, (who, threads, fn) in contenders.items()
+    }
+    times = interleaved(calls, reps, cpu, warmup=1)
     out = {}
-    for name, (who, threads, fn) in contenders.items():
+    for name, call in calls.items():
         counter = CommCounter()
         with counter:
-            _run(rank, who, threads, fn)
-        cpu = torch.device("cpu")
-        peak = peak_extra_bytes(lambda w=who, t=threads, f=fn: _run(rank, w, t, f), cpu)
-        out[name] = (statistics.median(times[name]), counter.calls, peak)
+            call()
+        out[name] = (times[name].median, counter.calls, peak_extra_bytes(call, cpu))
     return out
 
 
@@ -209,7 +205,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--configs", nargs="*", default=["4096x32000:fp32", "1024x128256:fp32"])
     ap.add_argument("--linear", nargs="*", default=["2048x512x32000:fp32"])
-    ap.add_argument("--csv", default="bench_out/parallel.csv")
+    ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -218,7 +214,6 @@ def main() -> int:
     )
     results = queue.get()
     where = f"{device_name(torch.device('cpu'))}, {WORLD} gloo processes × 1 thread"
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"\n{where}; torch {torch.__version__}; ε = {EPS}; forward+backward per call\n")
     print(
         "| config | contender | ms | × single (2 thr) | collectives | bytes per call "
@@ -236,10 +231,18 @@ def main() -> int:
                 f"| {spec} | {name} | {t * 1e3:.1f} | {t / base:.2f}× | {len(calls)}: {kinds} | "
                 f"{nbytes} ({nbytes / N:.0f}) | {peak / 2**20:.0f} |"
             )
-            rows.append([stamp, where, torch.__version__, spec, name, t, len(calls), nbytes, peak])
-    header = ["timestamp", "machine", "torch", "config", "contender", "seconds", "collectives",
-              "bytes_per_rank", "extra_peak_bytes"]  # fmt: skip
-    append_csv(args.csv, header, rows)
+            rows.append(
+                dict(
+                    setup=f"{WORLD} gloo processes x 1 thread",
+                    config=spec,
+                    contender=name,
+                    median_s=t,
+                    collectives=len(calls),
+                    bytes_per_rank=nbytes,
+                    extra_peak_bytes=peak,
+                )
+            )
+    append_csv(os.path.join(args.out, "parallel.csv"), rows, torch.device("cpu"))
     return 0
 
 

@@ -41,12 +41,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
@@ -57,7 +54,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import device_name, mmap_large_allocations, peak_extra_bytes  # noqa: E402
+from common import (  # noqa: E402
+    device_name,
+    interleaved,
+    mmap_large_allocations,
+    peak_extra_bytes,
+)
 
 import fused_ls  # noqa: E402
 from fused_ls.integrations.transformers import FusedLSTrainer  # noqa: E402
@@ -141,23 +143,16 @@ def main(argv=None):
     paths, batch, n_items = build(args)
     device = torch.device("cpu")
     logits_bytes = args.batch * args.seq * args.vocab * 4
-    times = {(p, k): [] for p in paths for k in ("step", "loss_part")}
-    losses = {}
-    for _ in range(args.reps):
-        # the paths take turns; each timed run follows an untimed one of the same path, so that
-        # no path pays for the memory another one just returned to the OS
-        for p, trainers in paths.items():
-            for k, trainer in trainers.items():
-                run_step(trainer, batch, n_items)
-                gc.collect()
-                t0 = time.perf_counter()
-                loss = run_step(trainer, batch, n_items)
-                times[(p, k)].append(time.perf_counter() - t0)
-                losses[(p, k)] = float(loss)
-    mem = {}
-    for p, trainers in paths.items():
-        for k, trainer in trainers.items():
-            mem[(p, k)] = peak_extra_bytes(lambda t=trainer: run_step(t, batch, n_items), device)
+    calls = {
+        (p, k): (lambda t=trainer: run_step(t, batch, n_items))
+        for p, trainers in paths.items()
+        for k, trainer in trainers.items()
+    }
+    # the paths take turns; each timed run follows an untimed one of the same path (its setup),
+    # so that no path pays for the memory another one just returned to the OS
+    times = interleaved(calls, args.reps, device, warmup=0, setup=calls, collect=True)
+    losses = {key: float(call()) for key, call in calls.items()}
+    mem = {key: peak_extra_bytes(call, device) for key, call in calls.items()}
 
     print(
         f"\n{device_name(device)}, torch {torch.__version__}, transformers "
@@ -170,7 +165,7 @@ def main(argv=None):
         "| loss-part peak (MiB) | loss-part peak (× logits) |"
     )
     print("|---|---|---|---|---|---|---|")
-    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    med = {key: v.median * 1e3 for key, v in times.items()}
     for p in paths:
         print(
             f"| {p} | {losses[(p, 'step')]:.5f} | {med[(p, 'step')]:.0f} "

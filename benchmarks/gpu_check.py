@@ -18,7 +18,8 @@
    - extra peak memory over the logits (and target) already allocated, in MiB and in units of
      the logits' size,
    - the loss's relative difference from eager (a sanity check, not the test).
-   Prints a markdown table and writes ``<out>/gpu_check.csv``.
+   Prints a markdown table and appends the rows to ``<out>/gpu_check.csv`` (with the device,
+   versions and timestamp: ``benchmarks/common.py``, as every benchmark).
 4. Counts the CUDA kernels launched and the ops dispatched by one forward+backward of each
    backend (uniform ε, 256 × 32000 bf16; torch profiler).
 5. The fused LM head at N = 16384, H = 4096, V = 128256, bf16 (input and weight gradients):
@@ -33,7 +34,6 @@ Without a GPU it stops at once with a message saying so.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -48,6 +48,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import append_csv, timed  # noqa: E402
 
 N_ROWS = 16384
 VOCABS = (32000, 128256)
@@ -124,22 +125,9 @@ def run_tests(timeout: int, test_files) -> bool:
 # benchmark
 # ---------------------------------------------------------------------------------------------
 def time_cuda(fn, reps: int, setup=None, warmup: int = 2) -> float:
-    """Median milliseconds of fn() over reps runs; setup() runs before each, outside the timing."""
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    times = []
-    for _ in range(reps):
-        if setup:
-            setup()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of fn() over reps runs (CUDA events); setup() runs before each,
+    outside the timing."""
+    return timed(fn, torch.device("cuda"), reps, setup=setup, warmup=warmup).median * 1e3
 
 
 def copy_bandwidth(nbytes: int, reps: int) -> float:
@@ -244,8 +232,6 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
                     extra_x_logits=extra / logit_bytes,
                     loss_rel_diff=rel,
                     error=err,
-                    device=torch.cuda.get_device_name(),
-                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 )
                 rows.append(row)
                 print(
@@ -255,13 +241,7 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
                 )
             del base, y
             torch.cuda.empty_cache()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gpu_check.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\nwrote {path}")
+    append_csv(os.path.join(out_dir, "gpu_check.csv"), rows, torch.device("cuda"))
     return rows
 
 
@@ -336,6 +316,8 @@ def small_sizes(backends: list[str], reps: int = 200) -> str:
 
 def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str:
     """The fused LM head at N = 16384, H = 4096, V = 128256, bf16 (module docstring, item 5)."""
+    from bench_linear import fwd_bwd, three_matmuls
+
     import fused_ls
     from fused_ls.linear import chunk_rows
 
@@ -346,20 +328,10 @@ def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str
     y = torch.randint(0, V, (N,), device="cuda", generator=gen)
 
     def step(loss_fn):
-        def run():
-            x = x0.detach().requires_grad_(True)
-            w = w0.detach().requires_grad_(True)
-            loss_fn(x, w).backward()
-            return x.grad, w.grad
-
-        return run
-
-    def three_matmuls():
-        logits = x0 @ w0.t()
-        return logits @ w0, logits.t() @ x0
+        return fwd_bwd(loss_fn, x0, w0)
 
     methods = {
-        "3 matmuls (floor)": three_matmuls,
+        "3 matmuls (floor)": three_matmuls(x0, w0),
         "eager F.cross_entropy(F.linear)": step(
             lambda x, w: F.cross_entropy(F.linear(x, w).float(), y, label_smoothing=SMOOTHING)
         ),

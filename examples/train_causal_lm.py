@@ -51,7 +51,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from bench import (
+from common import (
     mmap_large_allocations,  # noqa: E402
     peak_extra_bytes,  # noqa: E402
 )
