@@ -79,7 +79,7 @@ clean:
 	rm -rf build *.egg-info fused_ls/*.so fused_ls/*.so.json bench_out site
 
 # Compile-check the CUDA kernels (csrc/cuda) for sm_80 and sm_90 against the CUDA build of torch,
-# on a machine with nvcc and no GPU (DESIGN.md §6). Fails on any compile error; nothing runs.
+# on a machine with nvcc and no GPU (docs/design.md §6). Fails on any compile error; nothing runs.
 CUDA_VENV  := .venv-cuda
 CUDA_TORCH ?= torch==2.14.1
 CUDA_ARCHS ?= 8.0;9.0

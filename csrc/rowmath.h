@@ -1,5 +1,5 @@
 // Per-row math of the label-smoothing cross-entropy, shared by the C++ CPU kernel and the CUDA
-// kernel so that the math the GPU runs is the math the CPU tests run (DESIGN.md §2, §5).
+// kernel so that the math the GPU runs is the math the CPU tests run (docs/design.md §2, §5).
 //
 // Row i, logits x_c, classes c in [0, C):
 //
@@ -189,7 +189,7 @@ FLS_HD V grad_softmax_part(V z, V lse, V coef, V gamma, V pz) {
 
 // The whole gradient element from its parts: softmax part minus the linear (smoothing and
 // target) mass `lin` = u_a R_a,c + u_b R_b,c + Σ masses at c, times dz/dx with a softcap
-// (rcp = 1 / cap). The subtraction happens before rounding to the output dtype (DESIGN.md §3).
+// (rcp = 1 / cap). The subtraction happens before rounding to the output dtype (docs/design.md §3).
 template <typename V>
 FLS_HD V grad_finish(V soft, V lin, V z, bool has_cap, V rcp) {
   V g = soft - lin;

@@ -148,8 +148,8 @@ def call(kind: str, backend: str, *args):
 
 
 def bump_version(t: Tensor) -> None:
-    """Make an in-place write visible to autograd (DESIGN.md §4): an op that saved ``t`` for its
-    backward then raises instead of computing with the overwritten values."""
+    """Make an in-place write visible to autograd (docs/design.md §4): an op that saved ``t`` for
+    its backward then raises instead of computing with the overwritten values."""
     torch.autograd.graph.increment_version(t)
 
 

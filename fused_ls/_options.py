@@ -468,7 +468,9 @@ def takes_keywords(names: tuple[str, ...]):
         fn.__fused_ls_keywords__ = tuple(names)
         documented = [n for n in names if n != "smoothing"]
         lines = [f"    {n}: {KEYWORDS[n].doc}" for n in documented]
-        doc = inspect.cleandoc(fn.__doc__ or "")
+        # (a summary line first: a docstring that began with the section would lose the items'
+        # indentation to a second cleandoc, as documentation tools apply)
+        doc = inspect.cleandoc(fn.__doc__ or f"{fn.__qualname__}: the shared keywords below.")
         fn.__doc__ = doc + "\n\nOther Parameters:\n" + "\n".join(lines) + "\n"
         return fn
 

@@ -1,4 +1,4 @@
-"""The smoothing distribution r ⊙ w, prepared once for the kernels (DESIGN.md §2).
+"""The smoothing distribution r ⊙ w, prepared once for the kernels (docs/design.md §2).
 
 For target y the kernels need, per class c, the folded mass ``R_y,c = r_y,c · w_c`` and its row
 sum ``M_y = ⟨r_y, w⟩``. With ``uni = 1 − β`` when a similarity is given (else 1):

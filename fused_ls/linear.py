@@ -1,5 +1,5 @@
 """The LM head fused with the loss: ``linear_label_smoothing_cross_entropy`` without the [N, V]
-logits (DESIGN.md §7).
+logits (docs/design.md §7).
 
 The loss of ``label_smoothing_cross_entropy(F.linear(input, W, b), target, ...)``, computed over
 row chunks of ``input`` [N, H]. Per chunk of n rows, with a reused [n, V] block buffer:
@@ -582,6 +582,8 @@ class FusedLinearLabelSmoothingCE(OptionsModule):
         reduction: str = "mean",
         **options,
     ):
+        """The head's keywords (the loss's and ``chunk_size``), validated once here
+        (``smoothing`` a float: a per-sample tensor goes to ``forward``)."""
         super().__init__(
             smoothing=smoothing,
             weight=weight,

@@ -164,6 +164,8 @@ class FusedLabelSmoothingCE(OptionsModule):
         reduction: str = "mean",
         **options,
     ):
+        """The loss's keywords, validated once here (``smoothing`` a float: a per-sample tensor
+        goes to ``forward``)."""
         super().__init__(
             smoothing=smoothing,
             weight=weight,

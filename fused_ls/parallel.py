@@ -1,5 +1,5 @@
 """Vocabulary parallelism: the loss when the classes are sharded across the ranks of a process
-group (tensor-parallel LM heads), exact in every mode (DESIGN.md §7).
+group (tensor-parallel LM heads), exact in every mode (docs/design.md §7).
 
 Each rank holds the logits of a contiguous slice of the classes, ``[start, start + C_r)`` of all
 ``V`` (slices in rank order; sizes may differ). Targets, class weights, similarity, per-sample ε

@@ -1,5 +1,5 @@
-"""Triton kernels of the fused label-smoothing cross-entropy (DESIGN.md §2), finalising every row
-inside the kernel.
+"""Triton kernels of the fused label-smoothing cross-entropy (docs/design.md §2), finalising every
+row inside the kernel.
 
 Notation, for row i of the logits x [N, C] (unit stride on C), which hold the classes
 [col_offset, col_offset + C) of num_classes (all of them unless the vocabulary is sharded):

@@ -19,7 +19,7 @@
 //   computes the row's coefficients (rowmath::grad_coefs) and its point masses (targets, sparse
 //   neighbours) into shared memory; the block owning such a column reads its logit before the
 //   dense pass (out may alias x), and rewrites it after a __syncthreads() from an
-//   accumulation-dtype expression that includes the masses (DESIGN.md §3).
+//   accumulation-dtype expression that includes the masses (docs/design.md §3).
 // reduce_kernel: Σ W_i and Σ loss_i in a fixed order (one block, no atomics: deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

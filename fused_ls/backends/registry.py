@@ -1,8 +1,8 @@
 """The backend contract, the registry and the single dispatch point.
 
-Every backend serves the same row-level contract (DESIGN.md §2). For logits ``x`` of shape [N, C]
-(unit stride on C) and a ``Problem`` (targets, the prepared smoothing of ``fused_ls._smoothing``,
-per-sample tensors and the scalar options, see ``fused_ls._problem``):
+Every backend serves the same row-level contract (docs/design.md §2). For logits ``x`` of shape
+[N, C] (unit stride on C) and a ``Problem`` (targets, the prepared smoothing of
+``fused_ls._smoothing``, per-sample tensors and the scalar options, see ``fused_ls._problem``):
 
 ``forward(x, p) -> (loss, pack)``
     statistics of every row, finalised per row into the loss; ``loss`` is reduced as

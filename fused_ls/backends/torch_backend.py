@@ -4,7 +4,7 @@ reference of the per-row finalisation that the compiled backends do inside their
 The two passes work in row chunks, so the workspace is a few chunk-sized accumulation-dtype
 buffers (``CHUNK_ELEMS`` elements each) however large N×C is: no dense target and no N×C
 ``log_softmax`` is ever built. The finalisation (``finalize``, ``grad_terms``) is O(N) tensor
-code written as the formulas of DESIGN.md §2:
+code written as the formulas of docs/design.md §2:
 
     L(y)   = w_y (1 − ε)(lse − z_y) + ε (M_y · lse − D_y)          (one target y)
     loss_i = λ L(y_a) + (1 − λ) L(y_b)   [mixup]   + λ_z W lse²  − β_cp W (lse − Σpz)
