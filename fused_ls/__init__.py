@@ -11,7 +11,7 @@ available backends.
 from . import _ops  # noqa: F401  (registers the fused_ls:: custom ops)
 from ._options import ConfidenceAdaptive, SparseSimilarity, Stats
 from ._version import __version__
-from .backends import BACKEND_NAMES, reasons_for
+from .backends import BACKEND_NAMES, cpp_backend, reasons_for
 from .calibration import (
     expected_calibration_error,
     maximum_calibration_error,
@@ -30,6 +30,13 @@ from .schedules import (
 )
 
 
+def empty_cache() -> int:
+    """Free the gradient buffers the CPU kernels keep for reuse between calls of the same size
+    (fresh buffers of that size would cost page faults every step); returns the bytes freed.
+    ``$FUSED_LS_NO_BUFFER_POOL=1`` disables the reuse."""
+    return cpp_backend.empty_cache()
+
+
 def available_backends() -> dict[str, list[str]]:
     """{backend name: reasons it cannot run in this process (empty list: available)}."""
     return {name: reasons_for(name, None) for name in BACKEND_NAMES}
@@ -45,6 +52,7 @@ __all__ = [
     "VocabShard",
     "__version__",
     "available_backends",
+    "empty_cache",
     "calibration",
     "cosine_decay_smoothing",
     "distillation",

@@ -182,7 +182,7 @@ class LossFunction(torch.autograd.Function):
             ctx.save_for_backward(g, pack)
             ctx.compiled = True
         else:
-            g = x if inplace else torch.empty_like(x)
+            g = x if inplace else backends.get(backend).new_gradient(x)
             loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
             if inplace:
                 bump_version(x)  # the logits now hold the gradient: saved copies elsewhere raise

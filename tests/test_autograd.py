@@ -255,3 +255,28 @@ def test_one_pass_when_autograd_needs_the_gradient(monkeypatch, backend):
         lsce(xr, y, 0.1, backend=backend)
     lsce(x, y, 0.1, backend=backend)
     assert spy.calls == ["forward", "forward"]
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+def test_gradient_buffers_are_reused_once_freed(monkeypatch):
+    """The cpp backend's large gradient buffers (≥ 8 MiB) come from a small cache: a buffer goes
+    back when its gradient is freed and serves the next call of that size (no page faults), never
+    while the gradient lives; the results are those of fresh buffers; empty_cache frees them."""
+    monkeypatch.delenv("FUSED_LS_NO_BUFFER_POOL", raising=False)
+    fused_ls.empty_cache()
+    x, y, _ = _case(N=80, C=32000, seed=9)  # 10 MB of fp32 logits
+    ref = _reference_grad(x, y, torch.tensor(1.0), "mean").float()
+    xr = x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(lsce(xr, y, 0.1, backend="cpp"), xr)
+    (g2,) = torch.autograd.grad(lsce(xr, y, 0.1, backend="cpp"), xr)
+    assert g1.data_ptr() != g2.data_ptr()  # both alive: two buffers
+    torch.testing.assert_close(g1, ref, rtol=2e-5, atol=1e-7)
+    assert torch.equal(g1, g2)
+    ptr = g1.data_ptr()
+    del g1
+    (g3,) = torch.autograd.grad(lsce(xr, y, 0.1, backend="cpp"), xr)
+    assert g3.data_ptr() == ptr  # the freed one, reused
+    assert torch.equal(g3, g2)
+    del g2, g3
+    assert fused_ls.empty_cache() == 2 * x.numel() * 4
+    assert fused_ls.empty_cache() == 0

@@ -63,6 +63,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"fused_ls::ext_{kind}", fake)
     torch.library.register_fake("fused_ls::ext_accumulate_", lambda acc, src, add: None)
     torch.library.register_fake("fused_ls::ext_scaled_copy_", lambda out, src, scale: None)
+    torch.library.register_fake("fused_ls::ext_gradient_buffer", torch.empty_like)
 
 
 def accumulate_(acc, src, add: bool = True) -> None:
@@ -86,6 +87,14 @@ def scaled_copy_(out, src, scale) -> None:
         torch.ops.fused_ls.ext_scaled_copy_(out, src, scale.reshape(1))
     else:
         out.copy_(src.mul_(scale))
+
+
+def empty_cache() -> int:
+    """Free the gradient buffers the CPU kernels keep for reuse (``fused_ls.empty_cache``);
+    returns the bytes freed (0 when the extension is not loaded)."""
+    if _state.get("error", "not loaded") is not None:
+        return 0
+    return int(torch.ops.fused_ls.ext_release_buffers())
 
 
 def _require() -> None:
@@ -146,6 +155,12 @@ class ExtensionBackend(Backend):
 
     def rescale(self, grad_loss, x, out, pack, p: Problem) -> None:
         self.ops.ext_rescale(grad_loss, x, out, pack, *p)
+
+    def new_gradient(self, x):
+        # CPU: large buffers from the extension's cache (no page faults step after step)
+        if x.device.type == "cpu":
+            return self.ops.ext_gradient_buffer(x)
+        return torch.empty_like(x)
 
     def row_stats(self, x, p: Problem):
         return self.ops.ext_row_stats(x, *p)

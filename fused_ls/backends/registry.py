@@ -115,6 +115,10 @@ class Backend:
             v = blk.to(pack.dtype)
             blk.copy_(torch.where(v == 0, 0, v * f))  # zero stays zero for any upstream
 
+    def new_gradient(self, x):
+        """A buffer of the logits' shape and dtype for a gradient that will be written in full."""
+        return torch.empty_like(x)
+
     def grad_in_forward(self, device: torch.device) -> bool:
         """Whether the loss computes the gradient in its forward on this device (fused_ls._ops):
         on CPU always; on a GPU once this backend's path has been measured there
