@@ -112,3 +112,9 @@ triton-check: venv
 GPU_PY ?= $(VPY)
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py
+
+# The peers' wheels for the GPU machine (it has no network): carry wheels/ with the run;
+# scripts/gpu_lease.sh installs them with --no-deps.
+.PHONY: gpu-wheels
+gpu-wheels: venv
+	$(VPY) -m pip download -q --no-deps -d wheels liger-kernel==0.8.5

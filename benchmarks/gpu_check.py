@@ -7,24 +7,32 @@
    with the interpreter off), tests/test_cuda.py (the compiled CUDA backend),
    tests/test_contract.py with FUSED_LS_TEST_DEVICE=cuda (the op contract on every backend that
    serves CUDA tensors) and tests/test_linear_cuda.py (the fused LM head on CUDA).
-3. Benchmarks forward + backward at N = 16384, V ∈ {32000, 128256}, bf16 and fp32, of eager
-   ``F.cross_entropy(label_smoothing=0.1)``, ``torch.compile`` of it (bf16 only: each shape is a
-   compilation of a minute or so), and every fused_ls backend
-   that serves CUDA tensors (with and without ``inplace_backward``):
+3. Benchmarks at N = 16384, V ∈ {32000, 128256, 256000} (``--vocabs``), bf16 and fp32: forward +
+   backward of eager ``F.cross_entropy(label_smoothing=0.1)``, ``torch.compile`` of it
+   (``--compile``: each shape is a compilation of a minute or so), Liger-Kernel's cross-entropy
+   with the same smoothing (when ``liger_kernel`` is installed: scripts/gpu_lease.sh installs
+   the wheel that ``make gpu-wheels`` downloads into wheels/), and every fused_ls backend that
+   serves CUDA tensors, each with the gradient computed in the forward (1-pass) and in the
+   backward (2-pass, ``FUSED_LS_GRAD_IN_FORWARD=0``), with and without ``inplace_backward``, and
+   its forward alone under ``torch.no_grad()``:
    - median time over ``--reps`` runs (CUDA events; inputs reset outside the timed region),
    - GB/s under the byte model "one read of the logits + one write of the gradient"
      (2·N·V·bytes per element), and that as a fraction of a measured device-to-device copy
-     (which also moves 2·N·V·bytes: one read, one write),
+     (which also moves 2·N·V·bytes: one read, one write); the forward alone against one read
+     (N·V·bytes; a max over the logits measures the read bandwidth),
    - extra peak memory over the logits (and target) already allocated, in MiB and in units of
      the logits' size,
    - the loss's relative difference from eager (a sanity check, not the test).
    Prints a markdown table and appends the rows to ``<out>/gpu_check.csv`` (with the device,
    versions and timestamp: ``benchmarks/common.py``, as every benchmark).
+   Then the issue's targets at 16384 × 128256 bf16 from those rows (% of copy and read, CUDA C++
+   against Triton, Liger against fused_ls).
 4. Counts the CUDA kernels launched and the ops dispatched by one forward+backward of each
-   backend (uniform ε, 256 × 32000 bf16; torch profiler).
+   backend in both modes and of Liger's (uniform ε, 256 × 32000 bf16; torch profiler).
 5. The fused LM head at N = 16384, H = 4096, V = 128256, bf16 (input and weight gradients):
-   fused_ls vs eager ``F.cross_entropy(F.linear(...), label_smoothing=0.1)`` vs the three matmuls
-   alone: time and peak memory, beside Liger-Kernel's published figures.
+   fused_ls vs eager ``F.cross_entropy(F.linear(...), label_smoothing=0.1)`` vs Liger-Kernel's
+   fused linear cross-entropy with the same smoothing vs the three matmuls alone: time and peak
+   memory.
 
 Budget: well under 8 minutes on an H100 (tests ≈ 1–3 min, torch.compile ≈ 4 compiles, the
 rest a few seconds per row). Exits non-zero when there is no GPU, or when a test suite failed.
@@ -51,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import append_csv, timed  # noqa: E402
 
 N_ROWS = 16384
-VOCABS = (32000, 128256)
+VOCABS = (32000, 128256, 256000)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SMOOTHING = 0.1
 TEST_FILES = (
@@ -138,6 +146,12 @@ def copy_bandwidth(nbytes: int, reps: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def read_bandwidth(x: torch.Tensor, reps: int) -> float:
+    """GB/s of one read of x (a max over it: the floor of a forward that writes nothing N×V)."""
+    ms = time_cuda(lambda: x.amax(), reps)
+    return x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+
+
 def eager_ce(x, y):
     return F.cross_entropy(x, y, label_smoothing=SMOOTHING)
 
@@ -153,16 +167,49 @@ def fused(backend, inplace):
     return f
 
 
-def measure(name, fn, base, y, reps, inplace, ref_loss):
-    """One row: fwd+bwd time, extra peak memory, loss difference from eager."""
-    x = base.clone().requires_grad_(True)
+def liger_ce():
+    """Liger-Kernel's cross-entropy with label smoothing (its kernel writes the gradient over the
+    logits in the forward), or None when liger_kernel is not installed."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return None
+    loss = LigerCrossEntropyLoss(label_smoothing=SMOOTHING)
+    return lambda x, y: loss(x, y)
+
+
+class GradInForward:
+    """FUSED_LS_GRAD_IN_FORWARD for the calls made inside (1: the gradient in the forward, one
+    pass; 0: statistics in the forward, the gradient in the backward)."""
+
+    def __init__(self, on: bool | None):
+        self.value = None if on is None else str(int(on))
+
+    def __enter__(self):
+        self.saved = os.environ.get("FUSED_LS_GRAD_IN_FORWARD")
+        if self.value is not None:
+            os.environ["FUSED_LS_GRAD_IN_FORWARD"] = self.value
+
+    def __exit__(self, *exc):
+        os.environ.pop("FUSED_LS_GRAD_IN_FORWARD", None)
+        if self.saved is not None:
+            os.environ["FUSED_LS_GRAD_IN_FORWARD"] = self.saved
+
+
+def measure(fn, base, y, reps, inplace, ref_loss, forward_only=False):
+    """One row: time (fwd+bwd, or the forward alone under no_grad), extra peak memory, loss
+    difference from eager. In place methods get the logits restored outside the timed region."""
+    x = base.clone().requires_grad_(not forward_only)
 
     def reset():
-        if inplace:  # the previous backward wrote the gradient over x: restore the logits
+        if inplace:  # the previous call wrote the gradient over x: restore the logits
             with torch.no_grad():
                 x.copy_(base)
 
     def step():
+        if forward_only:
+            with torch.no_grad():
+                return fn(x, y), None
         loss = fn(x, y)
         (g,) = torch.autograd.grad(loss, x)
         return loss, g
@@ -182,34 +229,51 @@ def measure(name, fn, base, y, reps, inplace, ref_loss):
     return ms, extra, rel
 
 
-def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]:
+def _methods(dtype, backends, compile_it):
+    """(name, fn, in place, forward only, FUSED_LS_GRAD_IN_FORWARD) of one shape's rows."""
     import fused_ls
     from fused_ls.backends import Request, reasons_for
 
+    methods = [("eager F.cross_entropy", eager_ce, False, False, None)]
+    if compile_it:
+        methods.append(
+            ("torch.compile(F.cross_entropy)", torch.compile(eager_ce, dynamic=False), False,
+             False, None)
+        )  # fmt: skip
+    liger = liger_ce()
+    if liger is not None:
+        methods.append(("Liger-Kernel CE (in place)", liger, True, False, None))
+    req = Request("cuda", dtype, False, False)
+    names = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
+    for b in names:
+        if b == "torch":  # the reference path: one row is enough
+            methods.append((f"fused_ls[{b}]", fused(b, False), False, False, None))
+            continue
+        for on, label in ((False, "2-pass"), (True, "1-pass")):
+            methods.append((f"fused_ls[{b}] {label}", fused(b, False), False, False, on))
+            methods.append((f"fused_ls[{b}] {label} inplace", fused(b, True), True, False, on))
+        methods.append((f"fused_ls[{b}] forward only", fused(b, False), False, True, None))
+    return methods
+
+
+def run_bench(reps, out_dir, backends, vocabs=VOCABS, compiled="bf16,fp32") -> list[dict]:
     rows = []
-    for vocab in VOCABS:
+    for vocab in vocabs:
         for dname, dtype in DTYPES.items():
             gen = torch.Generator(device="cuda").manual_seed(0)
             base = torch.randn(N_ROWS, vocab, device="cuda", dtype=dtype, generator=gen)
             y = torch.randint(0, vocab, (N_ROWS,), device="cuda", generator=gen)
             logit_bytes = base.numel() * base.element_size()
-            model_bytes = 2 * logit_bytes  # one read of the logits + one write of the gradient
             copy_gbs = copy_bandwidth(logit_bytes, reps)
+            read_gbs = read_bandwidth(base, reps)
             with torch.no_grad():
                 ref_loss = float(eager_ce(base.float(), y))
-            methods = [("eager F.cross_entropy", eager_ce, False)]
-            if dtype == torch.bfloat16:
-                compiled = torch.compile(eager_ce, dynamic=False)
-                methods.append(("torch.compile(F.cross_entropy)", compiled, False))
-            req = Request("cuda", dtype, False, False)
-            names = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
-            for b in names:
-                methods.append((f"fused_ls[{b}]", fused(b, False), False))
-                methods.append((f"fused_ls[{b}] inplace", fused(b, True), True))
-            for name, fn, inplace in methods:
+            methods = _methods(dtype, backends, dname in compiled.split(","))
+            for name, fn, inplace, fwd_only, on in methods:
                 t0 = time.perf_counter()
                 try:
-                    ms, extra, rel = measure(name, fn, base, y, reps, inplace, ref_loss)
+                    with GradInForward(on):
+                        ms, extra, rel = measure(fn, base, y, reps, inplace, ref_loss, fwd_only)
                     err = ""
                 except torch.cuda.OutOfMemoryError:
                     ms = extra = rel = float("nan")
@@ -218,6 +282,9 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
                     ms = extra = rel = float("nan")
                     err = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 torch.cuda.empty_cache()
+                # the byte model: one read (+ one write of the gradient) of the logits
+                model_bytes = logit_bytes * (1 if fwd_only else 2)
+                floor = read_gbs if fwd_only else copy_gbs
                 gbs = model_bytes / (ms * 1e-3) / 1e9
                 row = dict(
                     N=N_ROWS,
@@ -226,8 +293,11 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
                     method=name,
                     ms=ms,
                     model_GBps=gbs,
+                    floor=("read" if fwd_only else "copy"),
+                    floor_GBps=floor,
+                    frac_of_floor=gbs / floor,
                     copy_GBps=copy_gbs,
-                    frac_of_copy=gbs / copy_gbs,
+                    read_GBps=read_gbs,
                     extra_MiB=extra / 2**20,
                     extra_x_logits=extra / logit_bytes,
                     loss_rel_diff=rel,
@@ -245,6 +315,32 @@ def run_bench(reps: int, out_dir: str, backends: list[str] | None) -> list[dict]
     return rows
 
 
+def targets(rows: list[dict]) -> str:
+    """The issue's GPU targets at 16384 × 128256 bf16, from the rows just measured."""
+    at = {r["method"]: r for r in rows if r["V"] == 128256 and r["dtype"] == "bf16"}
+    lines = ["| check (16384 × 128256 bf16) | measured | target |", "|---|---:|---|"]
+
+    def pct(name):
+        r = at.get(name)
+        return f"{100 * r['frac_of_floor']:.0f}%" if r and not r["error"] else "n/a"
+
+    for b in ("triton", "cuda"):
+        for label in ("1-pass", "1-pass inplace", "2-pass", "2-pass inplace"):
+            lines.append(f"| {b} {label}: % of copy | {pct(f'fused_ls[{b}] {label}')} | ≥ 85% |")
+        lines.append(
+            f"| {b} forward only: % of read | {pct(f'fused_ls[{b}] forward only')} | ≥ 85% |"
+        )
+    t, c = at.get("fused_ls[triton] 1-pass"), at.get("fused_ls[cuda] 1-pass")
+    lig = at.get("Liger-Kernel CE (in place)")
+    if t and c and not (t["error"] or c["error"]):
+        lines.append(f"| CUDA C++ / Triton time (1-pass) | {c['ms'] / t['ms']:.2f} | ≤ 1.10 |")
+    for b in ("triton", "cuda"):
+        r = at.get(f"fused_ls[{b}] 1-pass")
+        if r and lig and not (r["error"] or lig["error"]):
+            lines.append(f"| Liger / fused_ls[{b}] time | {lig['ms'] / r['ms']:.2f} | ≥ 1.5 |")
+    return "\n".join(lines)
+
+
 def kernel_counts(backends: list[str] | None) -> str:
     """Kernels launched and ops dispatched per forward+backward (uniform ε = 0.1)."""
     from torch.profiler import ProfilerActivity, profile
@@ -258,19 +354,25 @@ def kernel_counts(backends: list[str] | None) -> str:
     names = backends or [
         b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, Request("cuda", torch.bfloat16))
     ]
-    fns = {"F.cross_entropy": lambda x: F.cross_entropy(x, y, label_smoothing=SMOOTHING)}
+    fns = {"F.cross_entropy": (lambda x: F.cross_entropy(x, y, label_smoothing=SMOOTHING), None)}
+    liger = liger_ce()
+    if liger is not None:
+        fns["Liger-Kernel CE"] = (lambda x: liger(x, y), None)
     for b in names:
-        fns[f"fused_ls[{b}]"] = lambda x, b=b: fused_ls.label_smoothing_cross_entropy(
-            x, y, SMOOTHING, backend=b
-        )
+        for on, label in ((False, "2-pass"), (True, "1-pass")):
+            fns[f"fused_ls[{b}] {label}"] = (
+                lambda x, b=b: fused_ls.label_smoothing_cross_entropy(x, y, SMOOTHING, backend=b),
+                on,
+            )
     lines = ["| method | CUDA kernels per fwd+bwd | ops dispatched |", "|---|---:|---:|"]
-    for name, fn in fns.items():
+    for name, (fn, on) in fns.items():
         x = x0.clone().requires_grad_(True)
-        fn(x).backward()  # warm-up
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn(x).backward()
+        with GradInForward(on):
+            fn(x).backward()  # warm-up
             torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn(x).backward()
+                torch.cuda.synchronize()
         ev = prof.events()
         kernels = sum(1 for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
         ops = sum(1 for e in ev if e.name.startswith(("aten::", "fused_ls::")))
@@ -336,6 +438,13 @@ def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str
             lambda x, w: F.cross_entropy(F.linear(x, w).float(), y, label_smoothing=SMOOTHING)
         ),
     }
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        flce = LigerFusedLinearCrossEntropyLoss(label_smoothing=SMOOTHING)
+        methods["Liger-Kernel fused linear CE"] = step(lambda x, w: flce(w, x, y))
+    except ImportError:
+        pass
     default = chunk_rows(N, H, V, torch.bfloat16, torch.device("cuda"))
     for b in backends or ["auto"]:
         for c in chunks:
@@ -377,8 +486,8 @@ def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| V | dtype | method | fwd+bwd ms | GB/s (2·N·V·b) | % of copy | extra peak MiB "
-        "| × logits | loss rel. diff |"
+        "| V | dtype | method | ms | GB/s (model) | % of floor | extra peak MiB | × logits "
+        "| loss rel. diff |"
     )
     lines = [head, "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -387,13 +496,16 @@ def markdown(rows: list[dict]) -> str:
             continue
         lines.append(
             f"| {r['V']} | {r['dtype']} | {r['method']} | {r['ms']:.2f} | {r['model_GBps']:.0f} "
-            f"| {100 * r['frac_of_copy']:.0f}% | {r['extra_MiB']:.0f} | "
+            f"| {100 * r['frac_of_floor']:.0f}% of {r['floor']} | {r['extra_MiB']:.0f} | "
             f"{r['extra_x_logits']:.2f} | {r['loss_rel_diff']:.1e} |"
         )
-    copies = sorted({(r["V"], r["dtype"], r["copy_GBps"]) for r in rows})
+    floors = sorted({(r["V"], r["dtype"], r["copy_GBps"], r["read_GBps"]) for r in rows})
     lines.append("")
     lines.append(
-        "device-to-device copy: " + ", ".join(f"V={v} {d}: {c:.0f} GB/s" for v, d, c in copies)
+        "byte model: fwd+bwd one read of the logits + one write of the gradient (2·N·V·b, against "
+        "a device-to-device copy); forward only one read (N·V·b, against a max over the logits). "
+        "Floors: "
+        + ", ".join(f"V={v} {d}: copy {c:.0f} GB/s, read {rd:.0f} GB/s" for v, d, c, rd in floors)
     )
     return "\n".join(lines)
 
@@ -423,6 +535,10 @@ def main() -> int:
         help="comma list of tests, bench, kernels, small, head",
     )
     ap.add_argument("--tests", default=",".join(TEST_FILES), help="comma list of test files")
+    ap.add_argument("--vocabs", default=",".join(map(str, VOCABS)), help="bench: comma list of V")
+    ap.add_argument(
+        "--compile", default="bf16,fp32", help="bench: dtypes that get torch.compile rows ('' none)"
+    )
     ap.add_argument(
         "--head-chunks", default="0", help="comma list of chunk sizes for the head (0: default)"
     )
@@ -461,7 +577,8 @@ def main() -> int:
             f"\n## benchmark: N={N_ROWS}, fwd+bwd, label_smoothing={SMOOTHING}, "
             f"median of {args.reps}"
         )
-        rows = run_bench(args.reps, args.out, backends)
+        vocabs = tuple(int(v) for v in args.vocabs.split(","))
+        rows = run_bench(args.reps, args.out, backends, vocabs, args.compile)
         print()
         print(
             f"{torch.cuda.get_device_name()}, "
@@ -469,6 +586,8 @@ def main() -> int:
         )
         print()
         print(markdown(rows))
+        print()
+        print(targets(rows))
     if "kernels" in sections:
         print("\n## kernels per call\n", flush=True)
         _report(kernel_counts, backends)
