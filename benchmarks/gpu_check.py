@@ -6,7 +6,9 @@
 2. Runs pytest on CUDA tensors, the files concurrently: tests/test_triton.py (the Triton backend
    with the interpreter off), tests/test_cuda.py (the compiled CUDA backend),
    tests/test_contract.py with FUSED_LS_TEST_DEVICE=cuda (the op contract on every backend that
-   serves CUDA tensors) and tests/test_linear_cuda.py (the fused LM head on CUDA).
+   serves CUDA tensors), tests/test_linear_cuda.py (the fused LM head on CUDA) and
+   tests/test_gpu_one_pass.py (the gradient in the forward, opt-in on CUDA until measured, and
+   the CUDA C++ cluster kernel).
 3. Benchmarks at N = 16384, V ∈ {32000, 128256, 256000} (``--vocabs``), bf16 and fp32: forward +
    backward of eager ``F.cross_entropy(label_smoothing=0.1)``, ``torch.compile`` of it
    (``--compile``: each shape is a compilation of a minute or so), Liger-Kernel's cross-entropy
@@ -67,6 +69,7 @@ TEST_FILES = (
     "tests/test_cuda.py",
     "tests/test_contract.py",
     "tests/test_linear_cuda.py",
+    "tests/test_gpu_one_pass.py",
 )
 
 

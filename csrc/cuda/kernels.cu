@@ -29,7 +29,11 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../ext_common.h"
@@ -173,9 +177,10 @@ __device__ void finish_row(const KParams& p, int64_t row, rm::Stats<acc_t>& st, 
 template <typename scalar_t>
 __device__ void grad_slice(const KParams& p, int64_t row, int64_t c0, int64_t c1,
                            acc_of<scalar_t> lse, acc_of<scalar_t> eps, acc_of<scalar_t> pz,
-                           unsigned char* smem) {
+                           unsigned char* smem, const scalar_t* xr_in = nullptr) {
   using acc_t = acc_of<scalar_t>;
-  const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
+  // the row's logits: in global memory, or (xr_in) wherever the caller holds columns [c0, c1)
+  const scalar_t* xr = xr_in ? xr_in : static_cast<const scalar_t*>(p.x) + row * p.x_stride;
   scalar_t* orow = static_cast<scalar_t*>(p.out) + row * p.out_stride;
   if (p.y_a[row] == p.ignore_index) {  // ignored rows: a zero gradient, without reading them
     for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) orow[c] = scalar_t(0);
@@ -458,6 +463,144 @@ __global__ void reduce_kernel(KParams p) {
   }
 }
 
+// ---- one read, one write: a row held in the shared memory of a thread-block cluster (sm_90) ----
+//
+// forward_backward with every row read from HBM exactly once: the S CTAs of a cluster each load
+// a slice of the row into their shared memory (16-byte loads, consumed into the online-softmax
+// state on the way), combine their statistics through distributed shared memory (every CTA reads
+// the S partials in rank order, so all finalise identically), and write the gradient of their
+// slice from shared memory. Bytes: N·C·sizeof(x) read + N·C·sizeof(x) written, nothing else of
+// the row's size. S = ceil(row bytes / kClusterSliceBytes) ≤ 16 (at most ~100 KB of a row per
+// CTA, so that two CTAs fit an SM); rows are taken by clusters in a grid-stride loop.
+// Until a GPU run has measured it, it serves only when $FUSED_LS_CUDA_CLUSTER=1 (sm_90+).
+constexpr int64_t kClusterSliceBytes = 64 << 10;
+constexpr int kMaxCluster = 16;
+
+template <typename acc_t>
+struct ClusterPart {
+  Partial<acc_t> p;       // the slice's online-softmax state, dense dots, max and argmax
+  acc_t za, zb, Da, Db;   // the target terms of the slice's columns (z at a target, sparse parts)
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) cluster_rows_kernel(KParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using acc_t = acc_of<scalar_t>;
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int S = static_cast<int>(cluster.num_blocks());
+  extern __shared__ __align__(16) unsigned char smem[];
+  scalar_t* xs = reinterpret_cast<scalar_t*>(smem);  // this CTA's slice of the row
+  unsigned char* points = smem + p.slice * sizeof(scalar_t);  // grad_slice's point list
+  __shared__ ClusterPart<acc_t> part;  // read by every CTA of the cluster
+  __shared__ acc_t vals[3];            // lse, ε, Σpz of the row
+  const int64_t c0 = static_cast<int64_t>(rank) * p.slice;
+  const int64_t c1 = min(p.C, c0 + p.slice);
+  const bool has_cap = p.softcap > 0;
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  for (int64_t row = blockIdx.y; row < p.N; row += gridDim.y) {  // uniform over the cluster
+    if (threadIdx.x == 0 && rank == 0) validate_row<acc_t>(p, row);
+    const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
+    const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(p, p.y_a[row]);
+    const bool two = p.R && p.y_b;
+    const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
+    // 1. the slice into shared memory, consumed into the statistics on the way
+    Partial<acc_t> mine = empty_partial<acc_t>();
+    auto consume = [&](int64_t c, scalar_t xv) {
+      acc_t z = static_cast<acc_t>(xv);
+      if (has_cap) z = rm::softcap_z(z, cap, rcp);
+      rm::online_add(mine.st, z);
+      if (rm::argmax_takes<acc_t>(z, c, mine.best, mine.arg)) {
+        mine.best = z;
+        mine.arg = c;
+      }
+      mine.dot_a += Ra.p ? rm::masked_term(Ra.p[c], z) : z;
+      if (two) mine.dot_b += rm::masked_term(Rb.p[c], z);
+    };
+    int64_t tail = c0;
+    if (p.vec) {
+      constexpr int V = Pack<scalar_t>::n;
+      const int64_t nv = (c1 - c0) / V;
+      const Pack<scalar_t>* xp = reinterpret_cast<const Pack<scalar_t>*>(xr + c0);
+      Pack<scalar_t>* sp = reinterpret_cast<Pack<scalar_t>*>(xs);
+      for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+        const Pack<scalar_t> pk = xp[v];
+        sp[v] = pk;
+#pragma unroll
+        for (int q = 0; q < V; ++q) consume(c0 + v * V + q, pk.v[q]);
+      }
+      tail = c0 + nv * V;
+    }
+    for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) {
+      xs[c - c0] = xr[c];
+      consume(c, xr[c]);
+    }
+    if (!rm::gathers_s(p)) mine.st.s = acc_t(0);
+    mine = block_combine(mine);  // valid in thread 0; ends with every thread past a barrier
+    __syncthreads();             // the slice is in shared memory for every thread
+    if (threadIdx.x == 0) {
+      part.p = mine;
+      rm::Stats<acc_t> local{};
+      RowArgs here = p;  // the slice's columns, for the target and sparse terms held here
+      here.col_offset = p.col_offset + c0;
+      here.C = c1 - c0;
+      rm::target_stats<acc_t>(
+          here, row, acc_t(0), acc_t(0),
+          [&](int64_t c) {
+            const acc_t v = static_cast<acc_t>(xs[c]);
+            return has_cap ? rm::softcap_z(v, cap, rcp) : v;
+          },
+          local);
+      part.za = local.za;
+      part.zb = local.zb;
+      part.Da = local.Da;
+      part.Db = local.Db;
+    }
+    cluster.sync();  // every CTA's part is written
+    // 2. the row's statistics from the S parts, in rank order on every CTA (identical results)
+    if (threadIdx.x == 0) {
+      Partial<acc_t> r = empty_partial<acc_t>();
+      acc_t za = 0, zb = 0, sDa = 0, sDb = 0;
+      for (int k = 0; k < S; ++k) {
+        const ClusterPart<acc_t>* q = cluster.map_shared_rank(&part, k);
+        r = combine(r, q->p);
+        za += q->za;
+        zb += q->zb;
+        sDa += q->Da;
+        sDb += q->Db;
+      }
+      const acc_t dense_a = Ra.scale == acc_t(0) ? acc_t(0) : Ra.scale * r.dot_a;
+      const acc_t dense_b = two ? r.dot_b : dense_a;
+      rm::Stats<acc_t> st{r.st.m, r.st.d, r.st.s, dense_a + sDa,
+                          (p.y_b ? dense_b : acc_t(0)) + sDb, za, zb,
+                          static_cast<int64_t>(p.col_offset + r.arg)};
+      const rm::Final<acc_t> f = rm::finalize_row<acc_t>(p, row, st);
+      if (rank == 0) {
+        const bool blank = p.y_a[row] == p.ignore_index && !p.need_stats;
+        acc_t* pr = ptr<acc_t>(p.pack) + row * kWidth;
+        if (blank) {  // as rows_kernel: nothing of an ignored row is observable
+          for (int c = 0; c < kWidth; ++c) pr[c] = acc_t(0);
+        } else {
+          rm::store_pack(pr, f, st.arg);
+        }
+        if (p.reduction == RED_NONE) ptr<acc_t>(p.loss)[row] = blank ? acc_t(0) : f.loss;
+      }
+      vals[0] = f.lse;
+      vals[1] = f.eps;
+      vals[2] = f.pz;
+    }
+    cluster.sync();  // no CTA overwrites its part (next row) or exits while others read it
+    // 3. the gradient of the slice, from shared memory (so `out` may alias the logits)
+    grad_slice<scalar_t>(p, row, c0, c1, vals[0], vals[1], vals[2], points, xs - c0);
+    __syncthreads();  // the slice buffer and the point list are reused by the next row
+  }
+#else
+  CUDA_KERNEL_ASSERT(false && "fused_ls: cluster_rows_kernel needs sm_90");
+#endif
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 int sm_count(int device) {
@@ -469,6 +612,16 @@ int sm_count(int device) {
     cached[device] = n > 0 ? n : 80;
   }
   return cached[device];
+}
+
+// The cluster kernel (cluster_rows_kernel) for forward_backward: $FUSED_LS_CUDA_CLUSTER=1 and a
+// device of compute capability 9.0 or more.
+bool cluster_wanted(int device) {
+  const char* env = std::getenv("FUSED_LS_CUDA_CLUSTER");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
 }
 
 bool aligned16(const void* ptr, int64_t stride, size_t elem) {
@@ -487,6 +640,44 @@ struct CudaDevice {
   static void reduce(const RowArgs& a, const at::Tensor& pack, const at::Tensor& loss);
   static void weights(const RowArgs& a, const at::Tensor& pack);
 };
+
+// forward_backward by cluster_rows_kernel; false (nothing launched) when a row does not fit the
+// shared memory of kMaxCluster CTAs.
+bool launch_cluster(KParams p, at::ScalarType x_dtype, size_t elem, int64_t pack_w,
+                    size_t point_bytes, cudaStream_t stream) {
+  const int64_t row_bytes = p.C * static_cast<int64_t>(elem);
+  int64_t S = std::max<int64_t>(1, (row_bytes + kClusterSliceBytes - 1) / kClusterSliceBytes);
+  if (S > kMaxCluster) return false;
+  p.slice = round_up((p.C + S - 1) / S, pack_w);
+  S = (p.C + p.slice - 1) / p.slice;
+  const size_t smem = static_cast<size_t>(p.slice) * elem + point_bytes;
+  if (smem > 200 * 1024) return false;
+  p.S = static_cast<int>(S);
+  p.vec = aligned16(p.x, p.x_stride, elem) && aligned16(p.out, p.out_stride, elem);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(S),
+                     static_cast<unsigned>(std::min<int64_t>(p.N, 65535)), 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(S);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "fused_ls_cluster", [&] {
+    auto kernel = cluster_rows_kernel<scalar_t>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    if (S > 8) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  });
+  return true;
+}
 
 void CudaDevice::run(const RowArgs& a, int phases, const at::Tensor& x) {
   if (a.N == 0) return;
@@ -532,6 +723,10 @@ void CudaDevice::run(const RowArgs& a, int phases, const at::Tensor& x) {
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    return;
+  }
+  if (phases == (PH_STATS | PH_FINALIZE | PH_GRAD) && cluster_wanted(x.get_device()) &&
+      launch_cluster(p, x_dtype, elem, pack_w, smem, stream)) {
     return;
   }
   // statistics (+ finalisation, + gradient): split rows over several blocks only when there are

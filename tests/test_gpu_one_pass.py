@@ -1,0 +1,130 @@
+"""The gradient in the forward on CUDA tensors (marked ``cuda``: run by benchmarks/gpu_check.py
+on a GPU machine; skipped elsewhere). On CUDA it is opt-in until measured
+(``FUSED_LS_GRAD_IN_FORWARD=1``), and the CUDA C++ backend's sm_90 cluster kernel, which holds
+each row in the shared memory of a thread-block cluster, is opt-in too
+(``FUSED_LS_CUDA_CLUSTER=1``): both are switched on here and checked against the float64
+reference, for every reduction, a scaled upstream gradient, a retained graph's second backward,
+rows that need one CTA, several and more than eight, and no host synchronisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_ls
+from fused_ls import ConfidenceAdaptive, SparseSimilarity, reference
+from fused_ls.backends import Request, reasons_for
+
+pytestmark = pytest.mark.cuda
+
+GPU_BACKENDS = ["triton", "cuda"]
+# (backend, environment): the one-pass path of each backend, and CUDA C++'s cluster kernel
+PATHS = [
+    ("triton", {}),
+    ("cuda", {}),
+    ("cuda", {"FUSED_LS_CUDA_CLUSTER": "1"}),
+]
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: p[0] + ("-cluster" if p[1] else ""))
+def path(request, monkeypatch):
+    backend, env = request.param
+    if reasons_for(backend, Request("cuda", torch.float32)):
+        pytest.skip(f"{backend} cannot serve CUDA tensors here")
+    if env and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cluster kernel needs sm_90")
+    monkeypatch.setenv("FUSED_LS_GRAD_IN_FORWARD", "1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return backend
+
+
+def _case(N, C, dtype, mode, seed=0, device="cuda"):
+    """(x, y, kw) on the CPU, and the same on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, generator=g) * 3).to(dtype)
+    y = torch.randint(0, C, (N,), generator=g)
+    y[N // 2] = -100
+    kw = {}
+    if mode == "everything":
+        kw = {
+            "weight": torch.rand(C, generator=g) + 0.2,
+            "similarity": SparseSimilarity.from_dense(torch.rand(64, 64, generator=g), 3)
+            if C == 64
+            else None,
+            "adaptive": ConfidenceAdaptive(0.5, 2.0),
+            "z_loss": 1e-3,
+            "softcap": 20.0,
+            "confidence_penalty": 0.1,
+            "mix_target": torch.randint(0, C, (N,), generator=g),
+            "mix_lambda": 0.7,
+        }
+        kw = {k: v for k, v in kw.items() if v is not None}
+    on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    if isinstance(on.get("similarity"), SparseSimilarity):
+        on["similarity"] = on["similarity"].to(device)
+    return x, y, kw, x.to(device), y.to(device), on
+
+
+# (N, C): one CTA's worth of a row, rows of several CTAs (V = 128256: 4 of 64 KB in bf16) and of
+# more than 8 (262144 fp32: 16 of 64 KB), a small problem
+SHAPES = [(33, 64), (257, 32000), (64, 128256), (3, 262144)]
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(N, C, dtype, mode, reduction):
+    """(loss, gradient for the upstream go, go) in float64 on the CPU, once per case (every path
+    is compared with the same one)."""
+    key = (N, C, dtype, mode, reduction)
+    if key not in _REFERENCE:
+        x, y, kw, *_ = _case(N, C, dtype, mode, device="cpu")
+        xd = x.double().requires_grad_(True)
+        ref = reference.cross_entropy(xd, y, 0.1, reduction=reduction, **kw)
+        g = torch.Generator().manual_seed(1)
+        go = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
+        (rg,) = torch.autograd.grad(ref, xd, go)
+        _REFERENCE[key] = (ref.detach(), rg, go, float(x.abs().max()))
+    return _REFERENCE[key]
+
+
+@pytest.mark.parametrize(("N", "C"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode", ["uniform", "everything"])
+def test_one_pass_equals_reference(path, N, C, dtype, reduction, mode):
+    _, _, _, xc, yc, kwc = _case(N, C, dtype, mode)
+    ref, rg, go, xmax = _reference(N, C, dtype, mode, reduction)
+    xr = xc.clone().requires_grad_(True)
+    loss = fused_ls.label_smoothing_cross_entropy(
+        xr, yc, 0.1, reduction=reduction, backend=path, **kwc
+    )
+    go_c = go.to(device="cuda", dtype=loss.dtype)
+    (g1,) = torch.autograd.grad(loss, xr, go_c, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, xr, go_c)
+    assert torch.equal(g1, g2)
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(
+        loss.detach().cpu().double(), ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, xmax)
+    )
+    torch.testing.assert_close(g1.cpu().double(), rg.to(dtype).double(), **tol)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_no_host_sync(path, inplace):
+    """Forward and backward (unit and scaled upstream) under sync_debug_mode("error")."""
+    _, _, _, xc, yc, _ = _case(1024, 32000, torch.bfloat16, "uniform")
+    for scale in (1.0, 2.0):
+        h = xc.clone().requires_grad_(True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = h * 1
+            loss = fused_ls.label_smoothing_cross_entropy(
+                logits, yc, 0.1, backend=path, inplace_backward=inplace
+            )
+            (loss * scale).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        assert torch.isfinite(h.grad).all()
