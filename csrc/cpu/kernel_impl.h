@@ -52,9 +52,25 @@ inline at::vec::Vectorized<float> rm_exp(at::vec::Vectorized<float> v) {
   return Vec::blendv(v.exp_u20(), v, v.isnan());
 }
 #endif
+// max(a, b) in one instruction where the ISA has it, with x86's rule: b where either lane is NaN
+// (at::vec::maximum propagates NaN from both sides in four instructions). Callers put a NaN
+// they must keep in b, or detect NaN some other way.
+template <typename T>
+inline at::vec::Vectorized<T> max_raw(const at::vec::Vectorized<T>& a,
+                                      const at::vec::Vectorized<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_max_ps(a, b);
+  if constexpr (std::is_same_v<T, double>) return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_max_ps(a, b);
+  if constexpr (std::is_same_v<T, double>) return _mm256_max_pd(a, b);
+#endif
+  return at::vec::maximum(a, b);
+}
+
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // exp(x) of the hot loops for x ≤ 0 or −inf (z − m with a finite chunk max m, z − lse with a
-// finite lse), in 11 vector ops, max error 3 ulp (exp_u20: 20 ulp in ~19 ops; the statistics
+// finite lse), in 11 vector instructions, max error 3 ulp (exp_u20: 20 ulp in ~19 ops; the statistics
 // pass is bound by this exp). x = n·ln2 + r with n = round(x·log2 e) and r from a two-constant
 // Cody-Waite reduction (|r| ≤ ln2/2, exact to ~2⁻³³), exp r by a degree-5 polynomial fitted to the
 // relative error on that interval (2.8 ulp in fp32 Horner), times 2ⁿ: AVX-512's scalef, which
@@ -63,7 +79,7 @@ inline at::vec::Vectorized<float> rm_exp(at::vec::Vectorized<float> v) {
 // exp(0) = 1 exactly (r = 0, the polynomial's constant terms are 1).
 inline at::vec::Vectorized<float> exp_neg(at::vec::Vectorized<float> v) {
   using Vec = at::vec::Vectorized<float>;
-  const Vec x = at::vec::maximum(Vec(-110.f), v);
+  const Vec x = max_raw(Vec(-110.f), v);  // a NaN v stays NaN (the second operand)
   const Vec n = (x * Vec(1.44269504088896341f)).round();  // round half to even
   Vec r = at::vec::fnmadd(n, Vec(0.693359375f), x);       // ln2_hi: 9 bits, n·ln2_hi exact
   r = at::vec::fnmadd(n, Vec(-2.12194440e-4f), r);        // ln2_lo = ln2 − ln2_hi
@@ -372,29 +388,38 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
     const int64_t nfull = cv.full;
     const bool masked = dots && (Ra.p != nullptr || two);
     if (!masked) {
-      // two accumulators each, so that consecutive vectors do not wait on one dependency chain
+      // Two accumulators each, so that consecutive vectors do not wait on one dependency chain;
+      // a one-instruction max (max_raw) that drops a NaN z: the sum Σ z, NaN when the chunk
+      // holds a NaN (or both infinities), tells, and the rare chunk is then redone below with
+      // the NaN-propagating max.
       Vec vmax2(NEG), va2(acc_t(0));
       constexpr int64_t W = Vec::size();
       int64_t j = 0;
       for (; j + 2 * W <= nfull; j += 2 * W) {
         const Vec z0 = Vec::loadu(cv.src + j), z1 = Vec::loadu(cv.src + j + W);
-        vmax = at::vec::maximum(vmax, z0);
-        vmax2 = at::vec::maximum(vmax2, z1);
+        vmax = rm::max_raw(z0, vmax);
+        vmax2 = rm::max_raw(z1, vmax2);
         va += z0;
         va2 += z1;
       }
       for (; j < nfull; j += W) {
         const Vec z = Vec::loadu(cv.src + j);
-        vmax = at::vec::maximum(vmax, z);
+        vmax = rm::max_raw(z, vmax);
         va += z;
       }
       if (nfull < n) {
         const Vec z = Vec::loadu(cv.tail);
-        vmax = at::vec::maximum(vmax, z);
+        vmax = rm::max_raw(z, vmax);
         va += Vec::set(Vec(acc_t(0)), z, n - nfull);
       }
-      vmax = at::vec::maximum(vmax, vmax2);
-      va = dots ? va + va2 : Vec(acc_t(0));
+      vmax = rm::max_raw(vmax, vmax2);
+      va += va2;
+      const acc_t sum = reduce_sum(va);
+      if (sum != sum) {  // a NaN or ±inf in the chunk: the max with NaN propagated
+        vmax = Vec(NEG);
+        cv.for_each([&](const Vec& z, int64_t, int64_t) { vmax = at::vec::maximum(vmax, z); });
+      }
+      if (!dots) va = Vec(acc_t(0));
     } else {
       cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
         vmax = at::vec::maximum(vmax, z);
