@@ -181,6 +181,13 @@ struct Call {
     a.go = prep(grad_loss, acc, "grad_loss");
     a.go_per_row = per_row;
   }
+  // The pack of a finished forward (the gradient passes read lse, ε and Σpz from it).
+  void finished(const at::Tensor& pack) {
+    TORCH_CHECK(pack.dim() == 2 && pack.size(0) == a.N + 1 && pack.size(1) == kWidth &&
+                    pack.scalar_type() == acc,
+                "fused_ls: pack must be [N + 1, 8] in the accumulation dtype");
+    a.pack = const_cast<void*>(prep(pack, acc, "pack"));
+  }
   // The outputs of the finalisation: (loss, pack).
   std::tuple<at::Tensor, at::Tensor> outputs() {
     auto o = at::TensorOptions().dtype(acc).device(device);
@@ -213,10 +220,7 @@ void backward_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Ten
   Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
   call.logits(x);
   call.gradient(x, out, grad_loss);
-  TORCH_CHECK(pack.dim() == 2 && pack.size(0) == x.size(0) + 1 && pack.size(1) == kWidth &&
-                  pack.scalar_type() == call.acc,
-              "fused_ls: pack must be [N + 1, 8] in the accumulation dtype");
-  call.a.pack = const_cast<void*>(call.prep(pack, call.acc, "pack"));
+  call.finished(pack);
   call.a.go_mean = call.a.reduction == RED_MEAN;
   if (x.size(0) == 0 || x.size(1) == 0) return;
   Device::run(call.a, PH_GRAD, x);
@@ -255,10 +259,7 @@ void rescale_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
   Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
   call.logits(x);
   call.gradient(x, out, grad_loss);
-  TORCH_CHECK(pack.dim() == 2 && pack.size(0) == x.size(0) + 1 && pack.size(1) == kWidth &&
-                  pack.scalar_type() == call.acc,
-              "fused_ls: pack must be [N + 1, 8] in the accumulation dtype");
-  call.a.pack = const_cast<void*>(call.prep(pack, call.acc, "pack"));
+  call.finished(pack);
   call.a.skip_unit = true;
   call.a.scale_only = x.data_ptr() == out.data_ptr();
   // recomputing: the gradient of go · loss as the backward writes it (÷ Σ W for "mean");

@@ -188,6 +188,16 @@ def _target_stats(
 
 
 @triton.jit
+def _upstream(GO, row, go_per_row):
+    # the row's upstream gradient: GO[row] ("none") or the scalar GO[0]
+    if go_per_row != 0:
+        go = tl.load(GO + row)
+    else:
+        go = tl.load(GO)
+    return go
+
+
+@triton.jit
 def _row_eps_lam(row, EPS_ROWS, eps, eps_rows_on, LAM_ROWS, lam, lam_rows_on):
     if eps_rows_on != 0:
         eps = tl.load(EPS_ROWS + row)
@@ -545,10 +555,7 @@ def _rows_kernel(
                 tl.where(valid, za - lse, 0.0), loss_rows_on,
             )  # fmt: skip
             if GRAD:
-                if go_per_row != 0:
-                    go = tl.load(GO + row)
-                else:
-                    go = tl.load(GO)
+                go = _upstream(GO, row, go_per_row)
                 if go_mean != 0:
                     go = go / tl.load(PACK + N * 8)
                 coef, gamma, u_a, u_b, t_a, t_b, sp_a, sp_b = _grad_coefs(
@@ -645,10 +652,7 @@ def _grad_kernel(
     R_MODE: tl.constexpr, HAS_B: tl.constexpr, NEED_PZ: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    if go_per_row != 0:
-        go = tl.load(GO + row)
-    else:
-        go = tl.load(GO)
+    go = _upstream(GO, row, go_per_row)
     if (skip_unit != 0) & (go == 1.0):
         return
     split = tl.program_id(1)
@@ -699,10 +703,7 @@ def _scale_kernel(
     # once, zero staying zero whatever go; a row whose go is 1 reads and writes nothing.
     # Bytes: N·C·b read and written for the rows with go ≠ 1.
     row = tl.program_id(0).to(tl.int64)
-    if go_per_row != 0:
-        go = tl.load(GO + row)
-    else:
-        go = tl.load(GO)
+    go = _upstream(GO, row, go_per_row)
     if go == 1.0:
         return
     lo = tl.program_id(1) * cols_per_split

@@ -147,6 +147,25 @@ __device__ Partial<T> block_combine(Partial<T> p) {
   return p;
 }
 
+// What one column c of a row adds to the statistics of a thread's columns: z (soft-capped), into
+// the online-softmax state, the argmax and the dense dots of the row's R row(s).
+template <typename acc_t>
+struct ColumnStats {
+  rm::RRow<acc_t> Ra, Rb;
+  bool two, has_cap;
+  acc_t cap, rcp;
+  __device__ __forceinline__ void add(Partial<acc_t>& part, int64_t c, acc_t x) const {
+    const acc_t z = has_cap ? rm::softcap_z(x, cap, rcp) : x;
+    rm::online_add(part.st, z);
+    if (rm::argmax_takes<acc_t>(z, c, part.best, part.arg)) {
+      part.best = z;
+      part.arg = c;
+    }
+    part.dot_a += Ra.p ? rm::masked_term(Ra.p[c], z) : z;
+    if (two) part.dot_b += rm::masked_term(Rb.p[c], z);
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t z_at(const scalar_t* xr, int64_t c, bool has_cap, acc_t cap,
                                       acc_t rcp) {
@@ -298,17 +317,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(KParams p) {
   const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
 
   Partial<acc_t> part = empty_partial<acc_t>();
-  auto consume = [&](int64_t c, scalar_t xv) {
-    acc_t z = static_cast<acc_t>(xv);
-    if (has_cap) z = rm::softcap_z(z, cap, rcp);
-    rm::online_add(part.st, z);
-    if (rm::argmax_takes<acc_t>(z, c, part.best, part.arg)) {
-      part.best = z;
-      part.arg = c;
-    }
-    part.dot_a += Ra.p ? rm::masked_term(Ra.p[c], z) : z;
-    if (two) part.dot_b += rm::masked_term(Rb.p[c], z);
-  };
+  const ColumnStats<acc_t> column{Ra, Rb, two, has_cap, cap, rcp};
+  auto consume = [&](int64_t c, scalar_t xv) { column.add(part, c, static_cast<acc_t>(xv)); };
   int64_t tail = c0;
   if (p.vec) {
     constexpr int V = Pack<scalar_t>::n;
@@ -508,17 +518,8 @@ __global__ void __launch_bounds__(kThreads) cluster_rows_kernel(KParams p) {
     const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
     // 1. the slice into shared memory, consumed into the statistics on the way
     Partial<acc_t> mine = empty_partial<acc_t>();
-    auto consume = [&](int64_t c, scalar_t xv) {
-      acc_t z = static_cast<acc_t>(xv);
-      if (has_cap) z = rm::softcap_z(z, cap, rcp);
-      rm::online_add(mine.st, z);
-      if (rm::argmax_takes<acc_t>(z, c, mine.best, mine.arg)) {
-        mine.best = z;
-        mine.arg = c;
-      }
-      mine.dot_a += Ra.p ? rm::masked_term(Ra.p[c], z) : z;
-      if (two) mine.dot_b += rm::masked_term(Rb.p[c], z);
-    };
+    const ColumnStats<acc_t> column{Ra, Rb, two, has_cap, cap, rcp};
+    auto consume = [&](int64_t c, scalar_t xv) { column.add(mine, c, static_cast<acc_t>(xv)); };
     int64_t tail = c0;
     if (p.vec) {
       constexpr int V = Pack<scalar_t>::n;
