@@ -98,13 +98,8 @@ class _Rewriter(ast.NodeTransformer):
         return super().generic_visit(node)
 
     # ---- logits = <chain> ----
-    def _chain(self, e):
-        """The rewritten chain expression, or None (failed)."""
-        if isinstance(e, ast.Name) and e.id == "logits":
-            if self.head is None:
-                return self.fail("logits read before the head computed them", e)
-            return e
-        if (
+    def _is_head_call(self, e) -> bool:
+        return (
             self.head is None
             and isinstance(e, ast.Call)
             and isinstance(e.func, ast.Attribute)
@@ -113,12 +108,32 @@ class _Rewriter(ast.NodeTransformer):
             and len(e.args) == 1
             and not e.keywords
             and not _mentions(e.args[0])
-        ):
+        )
+
+    def _has_chain(self, e) -> bool:
+        """Whether e holds the logits: a read of them, or (first) the head call."""
+        if _mentions(e) or self._is_head_call(e):
+            return True
+        if isinstance(e, ast.BinOp):
+            return self._has_chain(e.left) or self._has_chain(e.right)
+        if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and not e.args:
+            return self._has_chain(e.func.value)
+        if isinstance(e, ast.Call) and len(e.args) == 1:
+            return self._has_chain(e.args[0])
+        return False
+
+    def _chain(self, e):
+        """The rewritten chain expression, or None (failed)."""
+        if isinstance(e, ast.Name) and e.id == "logits":
+            if self.head is None:
+                return self.fail("logits read before the head computed them", e)
+            return e
+        if self._is_head_call(e):
             self.head = e.func.attr
             return _call(_attr(RUNTIME, "Plan"), ast.Name("self", ast.Load()), ast.Constant(e.func.attr),
                          e.func, e.args[0])  # fmt: skip
         if isinstance(e, ast.BinOp) and isinstance(e.op, (ast.Mult, ast.Div)):
-            left, right = _mentions(e.left), _mentions(e.right)
+            left, right = self._has_chain(e.left), self._has_chain(e.right)
             if isinstance(e.op, ast.Mult) and left != right:
                 chain, factor = (e.left, e.right) if left else (e.right, e.left)
                 inner = self._chain(chain)
@@ -453,6 +468,8 @@ class Runtime:
         )  # fmt: skip
         loss, stats = head_loss(model, plan.head, plan.hidden, factors, cap, target,
                                 state.smoothing, options, state.capturing)  # fmt: skip
+        if any(op == "float" for op, _ in plan.ops):  # the model's loss is fp32 then
+            loss = loss.float()
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
         if state.capturing:
