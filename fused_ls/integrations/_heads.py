@@ -284,7 +284,8 @@ def head_loss(owner, head, hidden, ops, cap, target, smoothing, options: dict, w
             bias = _scaled(bias.to_local() if isinstance(bias, DTensor) else bias, ops)
         if isinstance(x, DTensor):
             x = x.to_local()
-        return _fused(x, tp_w.to_local(), bias, target, smoothing, kwargs)
+        out = _fused(x, tp_w.to_local(), bias, target, smoothing, kwargs)
+        return out if want_stats else (out, None)
 
     box = []
 
