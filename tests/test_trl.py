@@ -136,9 +136,9 @@ def test_no_full_logits_in_the_fused_step(tmp_path):
         seen[t] = []
         # a global hook: a hook on the head itself would be refused (it could edit the logits)
         handle = torch.nn.modules.module.register_module_forward_hook(
-            lambda mod, args, out, t=t: seen[t].append(tuple(out.shape))
-            if mod is t.model.lm_head
-            else None
+            lambda mod, args, out, t=t: (
+                seen[t].append(tuple(out.shape)) if mod is t.model.lm_head else None
+            )
         )
         try:
             t.train()

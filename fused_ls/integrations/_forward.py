@@ -130,8 +130,8 @@ class _Rewriter(ast.NodeTransformer):
             return e
         if self._is_head_call(e):
             self.head = e.func.attr
-            return _call(_attr(RUNTIME, "Plan"), ast.Name("self", ast.Load()), ast.Constant(e.func.attr),
-                         e.func, e.args[0])  # fmt: skip
+            me = ast.Name("self", ast.Load())
+            return _call(_attr(RUNTIME, "Plan"), me, ast.Constant(e.func.attr), e.func, e.args[0])
         if isinstance(e, ast.BinOp) and isinstance(e.op, (ast.Mult, ast.Div)):
             left, right = self._has_chain(e.left), self._has_chain(e.right)
             if isinstance(e.op, ast.Mult) and left != right:

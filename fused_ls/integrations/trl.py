@@ -105,13 +105,17 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     num_correct = gather((counted & (stats.prediction == target)).sum()).sum()
     metrics = self._metrics[mode]
     metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-    metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+    metrics["mean_token_accuracy"].append(
+        (num_correct / num_valid).item() if num_valid > 0 else 0.0
+    )
 
     if mode == "train":
         if "attention_mask" in inputs:
             local = inputs["attention_mask"].sum()
         elif "position_ids" in inputs:  # padding-free: one row of real tokens
-            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            local = torch.tensor(
+                inputs["position_ids"].size(1), device=inputs["position_ids"].device
+            )
         else:
             raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
         self._total_train_tokens += gather(local).sum().item() // self._tp_size
