@@ -237,7 +237,8 @@ def table(results: dict) -> str:
         "",
         f"transformers {transformers.__version__}, torch {torch.__version__}: every "
         "`*ForCausalLM`, `*ForConditionalGeneration` and `*LMHeadModel` class, built from a tiny "
-        "config (random weights, float64; float32 where a model cannot run in float64) and patched with `apply_fused_ls(model, 0.1)`. **exact**: the loss "
+        "config (random weights, float64; float32 where a model cannot run in float64) and "
+        "patched with `apply_fused_ls(model, 0.1)`. **exact**: the loss "
         "and every parameter gradient equal the unpatched model's forward with the dense "
         "smoothed loss on its logits (rtol 1e-6); **refused**: `UnsupportedModelError` with the "
         "reason; **not built**: no tiny model could be built or run from the default config "
