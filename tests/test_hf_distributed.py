@@ -17,11 +17,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import load_script  # noqa: E402
 from test_parallel import _launch  # noqa: E402
 
 from fused_ls.integrations.transformers import apply_fused_ls  # noqa: E402
@@ -30,6 +30,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 EPS = 0.1
 V = 250  # not divisible by the world size: uneven shards
 WORLD = 2
+# the reference's loss_function: ForCausalLMLoss with the dense smoothed loss
+smoothed_loss = load_script("model_table").smoothed_loss(EPS)
 
 
 def tiny_llama(seed=0):
@@ -40,17 +42,6 @@ def tiny_llama(seed=0):
     )  # fmt: skip
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg)
-
-
-def smoothed_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
-                  shift_labels=None, **kwargs):  # fmt: skip
-    """The reference's loss_function: ForCausalLMLoss with the dense smoothed cross-entropy."""
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return F.cross_entropy(
-        logits.float().reshape(-1, vocab_size), shift_labels.reshape(-1), ignore_index=ignore_index,
-        label_smoothing=EPS,
-    )  # fmt: skip
 
 
 def batch(rank):

@@ -181,9 +181,8 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
         the model as given (patched in place). Applying again replaces ε and the options.
     """
     target = _peft_base(model)
-    if isinstance(vars(target).get("fused_ls"), FusedLSHead):
-        revert_fused_ls(target)
-    spec = read_forward(type(target))
+    patched = vars(target).get("fused_ls")
+    spec = patched._spec if isinstance(patched, FusedLSHead) else read_forward(type(target))
     head = _check_instance(target, spec)
     clash = {k: why for k, why in _RESERVED.items() if k in options}
     if spec.caps and "softcap" in options:
@@ -205,6 +204,11 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
                 torch.zeros(1, dtype=torch.long, device=dev), smoothing, **options,
             )  # fmt: skip
 
+    if isinstance(patched, FusedLSHead):
+        # applied again: new ε and options, the same forward (which may have been wrapped since,
+        # e.g. by TRL's fused head, whose wrapper calls ours)
+        patched.smoothing, patched.options = smoothing, dict(options)
+        return model
     target.fused_ls = FusedLSHead(
         smoothing,
         dict(options),
