@@ -131,6 +131,7 @@ def build(args):
 def _trl_makers(args, out):
     """TRL's SFTTrainer: its own paths and the patched one (a word-level tokenizer built in
     memory: SFTTrainer needs one, nothing is downloaded)."""
+    from datasets import Dataset
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
@@ -144,7 +145,8 @@ def _trl_makers(args, out):
     def sft(m, eps, patch=False):
         cfg = SFTConfig(output_dir=out, use_cpu=True, report_to="none", bf16=False,
                         label_smoothing_factor=eps)  # fmt: skip
-        t = SFTTrainer(model=m, args=cfg, processing_class=tok)
+        data = Dataset.from_dict({"text": ["w3 w4 w5"]})  # required; the step uses its own batch
+        t = SFTTrainer(model=m, args=cfg, processing_class=tok, train_dataset=data)
         return patch_trainer(t) if patch else t
 
     return (

@@ -54,12 +54,20 @@ TINY = dict(
     num_local_experts=4,
     num_experts=4,
     n_routed_experts=4,
+    n_group=1,
+    topk_group=1,
     num_experts_per_tok=2,
     output_router_logits=True,
     router_aux_loss_coef=0.05,
     vocab_size=256,
     max_position_embeddings=128,
     initializer_range=0.1,  # logits of a few units: smoothing and caps matter
+    # multi-head latent attention (DeepSeek-V3 and kin)
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
     # the vision side of VLMs, when present
     depth=1,
     embed_dim=32,
@@ -85,11 +93,25 @@ def tiny_config(cfg):
         rope["mrope_section"] = [2, 3, 3]  # multimodal rope: sums to head_dim / 2
     if hasattr(cfg, "layer_types") and isinstance(cfg.layer_types, list):
         n = getattr(cfg, "num_hidden_layers", None)
-        if isinstance(n, int):
+        if isinstance(n, int):  # each kind of layer once (hybrid models), then repeated
+            kinds = list(dict.fromkeys(cfg.layer_types))
             try:
-                cfg.layer_types = (cfg.layer_types * n)[:n]
+                cfg.layer_types = (kinds * n)[:n]
             except (AttributeError, ValueError, TypeError):
                 pass
+    # special tokens inside the tiny vocabulary, above the ids the batch uses
+    vocab = getattr(cfg, "vocab_size", None)
+    if isinstance(vocab, int):
+        top = vocab - 1
+        for key in sorted(vars(cfg)):
+            value = getattr(cfg, key, None)
+            if (key.endswith(("_token_id", "_token_index")) and isinstance(value, int)
+                    and not isinstance(value, bool) and value >= vocab):  # fmt: skip
+                try:
+                    setattr(cfg, key, top)
+                    top -= 1
+                except (AttributeError, ValueError, TypeError):
+                    pass
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -124,7 +146,7 @@ def build(name: str, dtype):
 
 
 def batch(model):
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, min(vocab, 200), (B, T), generator=g)
     labels = ids.clone()

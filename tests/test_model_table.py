@@ -25,10 +25,12 @@ EXACT = [
     "Gemma3ForConditionalGeneration", "LlavaForConditionalGeneration",
     "Mistral3ForConditionalGeneration",
 ]  # fmt: skip
-# Refused, with the statement named.
+# Refused, with the statement or attribute named.
 REFUSED = {
     "BloomForCausalLM": r"output = \(logits,\) \+ transformer_outputs\[1:\]",
-    "BartForConditionalGeneration": "computes no logits with a head module",
+    "BartForConditionalGeneration": "does not call self.loss_function",
+    "TrOCRForCausalLM": r"loss_fct\(logits\.view\(-1, self\.config\.vocab_size\)",
+    "RobertaForCausalLM": "self.lm_head, a RobertaLMHead, not its output embeddings",
 }
 
 

@@ -60,7 +60,7 @@ class ForwardSpec:
     vocab: str | None  # the source of the loss call's vocab_size
 
 
-def _mentions(node, name="logits") -> bool:
+def _mentions(node, name: str) -> bool:
     return any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
 
 
@@ -72,8 +72,9 @@ class _Rewriter(ast.NodeTransformer):
     """One pass over the forward's body (source order); ``errors`` gets the first statement it
     cannot reproduce."""
 
-    def __init__(self, cls):
+    def __init__(self, cls, var: str):
         self.cls = cls
+        self.var = var  # the name the forward gives the logits (logits, lm_logits)
         self.head = None  # attribute name of the head call
         self.ops: list = []  # (op, ast dump of its operand) in source order
         self.loss_calls = []
@@ -107,12 +108,12 @@ class _Rewriter(ast.NodeTransformer):
             and e.func.value.id == "self"
             and len(e.args) == 1
             and not e.keywords
-            and not _mentions(e.args[0])
+            and not _mentions(e.args[0], self.var)
         )
 
     def _has_chain(self, e) -> bool:
         """Whether e holds the logits: a read of them, or (first) the head call."""
-        if _mentions(e) or self._is_head_call(e):
+        if _mentions(e, self.var) or self._is_head_call(e):
             return True
         if isinstance(e, ast.BinOp):
             return self._has_chain(e.left) or self._has_chain(e.right)
@@ -124,7 +125,7 @@ class _Rewriter(ast.NodeTransformer):
 
     def _chain(self, e):
         """The rewritten chain expression, or None (failed)."""
-        if isinstance(e, ast.Name) and e.id == "logits":
+        if isinstance(e, ast.Name) and e.id == self.var:
             if self.head is None:
                 return self.fail("logits read before the head computed them", e)
             return e
@@ -163,24 +164,24 @@ class _Rewriter(ast.NodeTransformer):
 
     def visit_Assign(self, node):
         if len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == "logits":
+            if node.targets[0].id == self.var:
                 self.stmt = node
                 value = self._chain(node.value)
                 if value is not None:
                     node.value = value
                 return node
-        if any(_mentions(t) for t in node.targets):
+        if any(_mentions(t, self.var) for t in node.targets):
             return self.fail("assigns the logits in a form that is not reproduced", node)
         return self.generic_visit(node)
 
     def visit_AugAssign(self, node):
-        if isinstance(node.target, ast.Name) and node.target.id == "logits":
+        if isinstance(node.target, ast.Name) and node.target.id == self.var:
             self.stmt = node
-            expr = ast.BinOp(ast.Name("logits", ast.Load()), node.op, node.value)
+            expr = ast.BinOp(ast.Name(self.var, ast.Load()), node.op, node.value)
             value = self._chain(expr)
             if value is None:
                 return node
-            return ast.copy_location(ast.Assign([ast.Name("logits", ast.Store())], value), node)
+            return ast.copy_location(ast.Assign([ast.Name(self.var, ast.Store())], value), node)
         return self.generic_visit(node)
 
     def visit_Call(self, node):
@@ -190,10 +191,10 @@ class _Rewriter(ast.NodeTransformer):
             ]
             rest = node.args[1:] + [k for k in node.keywords if k.arg != "logits"]
             if len(logits) != 1 or not (
-                isinstance(logits[0], ast.Name) and logits[0].id == "logits"
+                isinstance(logits[0], ast.Name) and logits[0].id == self.var
             ):
                 return self.fail("the loss is not computed from the head's logits", node)
-            if any(_mentions(r) for r in rest):
+            if any(_mentions(r, self.var) for r in rest):
                 return self.fail("the logits are passed to the loss twice", node)
             self.loss_calls.append(node)
             node.func = _attr(RUNTIME, "loss")
@@ -201,25 +202,45 @@ class _Rewriter(ast.NodeTransformer):
             return node
         if isinstance(node.func, ast.Name):  # Out(..., logits=logits): the eval-mode logits
             for k in node.keywords:
-                if k.arg == "logits" and isinstance(k.value, ast.Name) and k.value.id == "logits":
+                if k.arg == "logits" and isinstance(k.value, ast.Name) and k.value.id == self.var:
                     self.outputs.append(node.func.id)
                     self.allowed.add(id(k.value))
                     k.value = _call(_attr(RUNTIME, "logits"), ast.Name("self", ast.Load()), k.value)
         return self.generic_visit(node)
 
+    def visit_Tuple(self, node):
+        # `output = (logits,) + outputs[1:]` (return_dict=False): the eval-mode logits too
+        for i, elt in enumerate(node.elts):
+            if isinstance(elt, ast.Name) and elt.id == self.var and isinstance(elt.ctx, ast.Load):
+                self.allowed.add(id(elt))
+                node.elts[i] = _call(_attr(RUNTIME, "logits"), ast.Name("self", ast.Load()), elt)
+        return self.generic_visit(node)
+
     def visit_Name(self, node):
-        if node.id == "logits" and id(node) not in self.allowed:
+        if node.id == self.var and id(node) not in self.allowed:
             self.fail("the logits are used for something other than the loss and the output")
         return node
 
     def visit_FunctionDef(self, node):  # the forward itself only; nested defs are left alone
         if node is self.root:
             return self.generic_visit(node)
-        if _mentions(node):
+        if _mentions(node, self.var):
             return self.fail("a nested function reads the logits", node)
         return node
 
     visit_Lambda = visit_AsyncFunctionDef = visit_FunctionDef
+
+
+def _logits_name(fdef) -> str:
+    """The variable the forward hands to ``self.loss_function`` as the logits (``logits`` when
+    there is no single such name)."""
+    names = set()
+    for node in ast.walk(fdef):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "self.loss_function":
+            arg = node.args[:1] + [k.value for k in node.keywords if k.arg == "logits"]
+            if arg and isinstance(arg[0], ast.Name):
+                names.add(arg[0].id)
+    return names.pop() if len(names) == 1 else "logits"
 
 
 def _attr(value, name):
@@ -279,15 +300,17 @@ def read_forward(cls) -> ForwardSpec:
         raise refuse(cls, f"its forward takes no labels {sig}")
     var_kw = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
 
-    rw = _Rewriter(cls)
+    rw = _Rewriter(cls, _logits_name(fdef))
     rw.root = fdef
     rw.visit(fdef)
     if rw.error is not None:
         raise rw.error
-    if rw.head is None:
-        raise refuse(cls, "its forward computes no logits with a head module")
+    if not rw.loss_calls:
+        raise refuse(cls, "its forward does not call self.loss_function (it computes its own loss)")
     if len(rw.loss_calls) != 1:
         raise refuse(cls, f"its forward calls self.loss_function {len(rw.loss_calls)} times")
+    if rw.head is None:
+        raise refuse(cls, f"its forward has no `{rw.var} = self.<head>(<hidden states>)` statement")
     for name in rw.outputs:
         if not (
             isinstance(raw.__globals__.get(name), type)

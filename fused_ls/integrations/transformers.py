@@ -144,8 +144,9 @@ def _check_instance(model: nn.Module, spec: ForwardSpec) -> nn.Module:
     if not isinstance(head, nn.Module):
         raise _refuse(model, f"its forward calls self.{spec.head}, which is not a module")
     if head is not model.get_output_embeddings():
-        raise _refuse(model, f"its forward computes the logits with self.{spec.head}, which is not "
-                      "its output embeddings")  # fmt: skip
+        raise _refuse(model, f"its forward computes the logits with self.{spec.head}, a "
+                      f"{type(head).__name__}, not its output embeddings (a transform before "
+                      "them, or another head)")  # fmt: skip
     module = active_module(model, head)
     terms = _lora_terms(model, module)
     check_module(model, module.base_layer if terms is not None else module)
