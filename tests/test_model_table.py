@@ -30,7 +30,8 @@ REFUSED = {
     "BloomForCausalLM": r"output = \(logits,\) \+ transformer_outputs\[1:\]",
     "BartForConditionalGeneration": "does not call self.loss_function",
     "TrOCRForCausalLM": r"loss_fct\(logits\.view\(-1, self\.config\.vocab_size\)",
-    "RobertaForCausalLM": "self.lm_head, a RobertaLMHead, not its output embeddings",
+    "RobertaForCausalLM": "its lm_head is a RobertaLMHead, not a plain nn.Linear",
+    "BertLMHeadModel": "its cls is a BertOnlyMLMHead, not a plain nn.Linear",
 }
 
 

@@ -489,7 +489,7 @@ class Runtime:
             state.options, ignore_index=ignore_index, reduction="sum" if num_items is not None
             else "mean",
         )  # fmt: skip
-        loss, stats = head_loss(model, plan.head, plan.hidden, factors, cap, target,
+        loss, stats = head_loss(model, plan.name, plan.head, plan.hidden, factors, cap, target,
                                 state.smoothing, options, state.capturing)  # fmt: skip
         if any(op == "float" for op, _ in plan.ops):  # the model's loss is fp32 then
             loss = loss.float()

@@ -143,11 +143,13 @@ def _lora_terms(owner, head) -> list | None:
     return terms
 
 
-def check_module(owner, module: nn.Module) -> None:
-    """Refuse a head we cannot reproduce: not an ``nn.Linear`` computation, or hooks we do not
-    know to be gathers (FSDP2, ZeRO-3, accelerate, the tensor-parallel plan)."""
+def check_module(owner, module: nn.Module, name: str = "lm_head") -> None:
+    """Refuse a head we cannot reproduce: not an ``nn.Linear`` computation (a transform before
+    the output projection, a quantised layer), or hooks we do not know to be gathers (FSDP2,
+    ZeRO-3, accelerate, the tensor-parallel plan). ``name``: the model's attribute, for the
+    message."""
     if type(module).forward is not nn.Linear.forward:
-        raise refuse(owner, f"its lm_head is a {type(module).__name__}, not a plain nn.Linear")
+        raise refuse(owner, f"its {name} is a {type(module).__name__}, not a plain nn.Linear")
     tp = _tp_weight(module) is not None
     accel = hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
     if "forward" in vars(module) and not (tp or accel):
@@ -234,12 +236,12 @@ def _in_module_call(module: nn.Module, fn, *args):
             setattr(module, attr, saved)
 
 
-def head_loss(owner, head, hidden, ops, cap, target, smoothing, options: dict, want_stats: bool):
+def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: dict, want_stats):
     """The loss of the logits ``cap·tanh(((s·hidden)·Wᵀ + s·b) / cap)`` against ``target``.
 
     Args:
         owner: the model (for messages).
-        head: the module the forward calls for the logits.
+        name, head: the attribute the forward calls for the logits (e.g. "lm_head"), its module.
         hidden: [..., H] hidden states (as the forward passes them to the head).
         ops: [("mul" | "div", factor)], the constant factors of the logits in order.
         cap: the final soft cap or None.
@@ -254,7 +256,7 @@ def head_loss(owner, head, hidden, ops, cap, target, smoothing, options: dict, w
     module = active_module(owner, head)
     terms = _lora_terms(owner, module)
     base = module.base_layer if terms is not None else module
-    check_module(owner, base)
+    check_module(owner, base, name)
     x = hidden.reshape(-1, hidden.shape[-1])
     kwargs = dict(options, return_stats=want_stats)
     if cap is not None:

@@ -2,19 +2,21 @@
 
     from fused_ls.integrations.transformers import FusedLSTrainer, apply_fused_ls
 
-    apply_fused_ls(model, smoothing=0.1)      # a *ForCausalLM instance; revert_fused_ls(model)
+    apply_fused_ls(model, smoothing=0.1)      # a causal LM, VLM or PeftModel; revert_fused_ls
     trainer = FusedLSTrainer(model=model, args=TrainingArguments(label_smoothing_factor=0.1), ...)
     patch_trainer(trainer)                    # or: an existing Trainer (or a subclass, e.g. TRL's)
 
-What the patch does. ``LlamaForCausalLM.forward`` (and its siblings) run the base model, project
-the last hidden states with ``lm_head`` into [B, T, V] logits, optionally soft-cap them (Gemma2/3)
-and hand them to ``self.loss_function`` (``ForCausalLMLoss``). There is no hook that skips the
-logits, so ``apply_fused_ls`` replaces the *instance's* ``forward``: with labels it runs the same
-base model and computes the loss as ONE call of ``fused_ls.linear_label_smoothing_cross_entropy``
-on the hidden states and the head's weight (and bias), without building the logits; in training
-``outputs.logits`` is None. Without labels the original forward runs unchanged (generation,
-inference). In eval mode with labels the usual logits come back and ``outputs.loss`` is the same
-smoothed loss as in training (what Trainer's evaluation reports with ``label_smoothing_factor``).
+What the patch does. A causal LM's forward runs its backbone, projects the last hidden states with
+its head into [B, T, V] logits, maybe scales and soft-caps them, hands them to
+``self.loss_function`` (``ForCausalLMLoss``) and maybe adds more (an MoE router loss). There is no
+hook that skips the logits, so ``apply_fused_ls`` gives the *instance* a forward rewritten from
+the class's own (``fused_ls.integrations._forward``): every statement as the model wrote it, except
+that the head region becomes ONE call of ``fused_ls.linear_label_smoothing_cross_entropy`` on the
+hidden states and the head's weight (and bias), constant factors folded into the hidden states and
+the final soft cap into ``softcap=``. In training ``outputs.logits`` is None. Without labels the
+forward the instance had before runs unchanged (generation, inference); so do TRL's
+``fused_lm_head=True`` calls. In eval mode with labels the logits come back as the model computes
+them, and ``outputs.loss`` is the same smoothed loss as in training.
 
 Semantics are ``ForCausalLMLoss``'s: the labels are shifted by padding them with ``ignore_index``
 (-100) on the right (or ``shift_labels`` is used as given), ``logits_to_keep`` slices the hidden
@@ -22,25 +24,33 @@ states as the model does, and the loss is the sum divided by ``num_items_in_batc
 passed (Trainer does, for gradient accumulation and token averaging across devices), else the
 mean over counted tokens. With ε = 0 the loss is the model's own loss.
 
-Which models. The class's ``forward`` source is read once (``ast``) and must be exactly the standard
-causal-LM head: ``self.model(...)`` with every argument passed through, ``lm_head`` on the
-(``logits_to_keep``-sliced) last hidden state, optionally Gemma's ``final_logit_softcapping``
-(mapped to ``softcap``), ``self.loss_function(...)`` and the usual output class. Llama, Mistral,
-Qwen2, Qwen3, Gemma, Gemma2 and Gemma3 (text) qualify, and so does any model written the same way.
-Anything else is refused with an error naming the statement we cannot reproduce: logit scaling
-(Cohere, Granite), MoE router auxiliary losses (Mixtral, Qwen3-MoE: the patch would drop them),
-extra inputs the forward uses itself. The instance must also have a plain ``nn.Linear`` head
-(not a LoRA/quantised layer, no forward hooks: DeepSpeed ZeRO-3, accelerate offload), no
-tensor-parallel sharding, and ``ForCausalLMLoss`` as its loss function; these are checked when
-patching and again on every fused call (hooks may be added after patching).
+Exact or refused. What the fused call computes is read from the class's forward source, never from
+the config (``Gemma3ForConditionalGeneration`` does not soft-cap although its text config has
+``final_logit_softcapping``): the head is the module the forward calls
+(``logits = self.lm_head(h)``, ``self.embed_out(h)``, ...), which must compute ``F.linear``; the
+factors and the cap are the expressions the forward multiplies and divides by, evaluated at call
+time where it evaluates them. Anything else that reads the logits (a slice, a bias, a custom
+cap, a loss of its own) is refused with ``UnsupportedModelError`` naming the statement, and so is
+a head that is not an ``nn.Linear`` computation or carries hooks we do not know, a loss function
+other than ``ForCausalLMLoss``, a head whose rows differ from the loss's ``vocab_size``.
+``scripts/model_table.py`` writes the verdict for every class of the installed transformers
+(``docs/compatibility.md``).
+
+Sharded and wrapped heads (``fused_ls.integrations._heads``): the fused loss runs inside the head
+module's own call, so that FSDP2's, DeepSpeed ZeRO-3's and accelerate's hooks gather the weight
+(once per step) and re-gather it for backward; transformers' tensor-parallel colwise head goes
+through the vocabulary-parallel path on its local rows; PEFT: a ``PeftModel`` is accepted (its
+base model is patched), a LoRA on the head is exact (extra input columns), ``modules_to_save``
+uses the active copy.
 
 Trainer. ``label_smoothing_factor > 0`` makes Trainer pop the labels, let the model build the
 logits and run its dense ``LabelSmoother``. ``FusedLSTrainer`` / ``patch_trainer`` patch the
 (unwrapped) model with ``args.label_smoothing_factor`` and set ``trainer.label_smoother = None``,
 so the labels reach the patched forward. Trainer passes ``num_items_in_batch`` only when
-``trainer.model_accepts_loss_kwargs``; the patched model sets ``accepts_loss_kwargs = True`` (the
-attribute Trainer reads first), and ``patch_trainer`` recomputes the flag because Trainer decided it
-in ``__init__`` from the unpatched model.
+``trainer.model_accepts_loss_kwargs``; the patched model sets ``accepts_loss_kwargs`` (the
+attribute Trainer reads first) to whether its forward hands ``**kwargs`` to the loss, and
+``patch_trainer`` recomputes the flag because Trainer decided it in ``__init__`` from the
+unpatched model. TRL's ``SFTTrainer``: ``fused_ls.integrations.trl``.
 
 Transformers is imported by this module only; ``import fused_ls`` does not import it.
 """
@@ -143,13 +153,9 @@ def _check_instance(model: nn.Module, spec: ForwardSpec) -> nn.Module:
     head = getattr(model, spec.head, None)
     if not isinstance(head, nn.Module):
         raise _refuse(model, f"its forward calls self.{spec.head}, which is not a module")
-    if head is not model.get_output_embeddings():
-        raise _refuse(model, f"its forward computes the logits with self.{spec.head}, a "
-                      f"{type(head).__name__}, not its output embeddings (a transform before "
-                      "them, or another head)")  # fmt: skip
     module = active_module(model, head)
     terms = _lora_terms(model, module)
-    check_module(model, module.base_layer if terms is not None else module)
+    check_module(model, module.base_layer if terms is not None else module, spec.head)
     if model.loss_function is not ForCausalLMLoss:
         raise _refuse(model, f"its loss_function is {model.loss_function!r}, not ForCausalLMLoss")
     if spec.vocab is not None and _simple_attribute(spec.vocab):
