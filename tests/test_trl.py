@@ -204,3 +204,19 @@ def test_fused_lm_head_protocol_keeps_true_log_probs(tmp_path):
     torch.testing.assert_close(out.log_probs, expected, rtol=1e-5, atol=1e-5)
     # and the smoothed loss is what the plain labels call gives
     assert model(input_ids=ids, labels=labels).loss > -out.log_probs.sum() / (target != -100).sum()
+
+
+def test_model_patched_before_the_trainer(tmp_path):
+    """apply_fused_ls before SFTTrainer (whose fused head then wraps the patched forward), then
+    patch_trainer: still one forward per micro-batch and TRL's values."""
+    from fused_ls.integrations.transformers import apply_fused_ls
+
+    model = tiny_llama()
+    stock, _ = pair(tmp_path / "a", model=model, max_steps=2)
+    apply_fused_ls(model, 0.3)  # another ε: patch_trainer sets the trainer's
+    _, fused = pair(tmp_path / "b", model=model, max_steps=2)
+    assert fused.model.fused_ls.smoothing == EPS
+    stock.train()
+    fused.train()
+    assert_same_run(stock, fused)
+    assert fused.forwards[0] == 2 * stock.args.gradient_accumulation_steps
