@@ -220,3 +220,34 @@ def test_model_patched_before_the_trainer(tmp_path):
     fused.train()
     assert_same_run(stock, fused)
     assert fused.forwards[0] == 2 * stock.args.gradient_accumulation_steps
+
+
+def test_moe_router_loss_follows_trls_nll_path(tmp_path):
+    """Mixtral: the patched step's loss is the smoothed cross-entropy / num_items_in_batch plus
+    router_aux_loss_coef × aux_loss / accumulation steps (TRL's nll path), and aux_loss is
+    logged; the cross-entropy part equals the dense smoothed loss on the model's logits."""
+    cfg = transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+        num_experts_per_tok=2, router_aux_loss_coef=0.2, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    _, fused = pair(tmp_path, model=transformers.MixtralForCausalLM(cfg), max_steps=1)
+    assert fused.aux_loss_enabled
+    batch = next(iter(fused.get_train_dataloader()))
+    n = (batch["labels"][:, 1:] != -100).sum()
+    fused.current_gradient_accumulation_steps = 2
+    loss = fused.compute_loss(fused.model, dict(batch), num_items_in_batch=n)
+    model = fused.model
+    with torch.no_grad():
+        out = model.forward.__self__.__class__.forward(
+            model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            output_router_logits=True,
+        )  # fmt: skip
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, V), labels.reshape(-1), label_smoothing=EPS, reduction="sum"
+    )
+    expected = ce / n + fused.router_aux_loss_coef * out.aux_loss / 2
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    assert fused._metrics["train"]["aux_loss"]

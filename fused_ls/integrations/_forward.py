@@ -495,8 +495,8 @@ class Runtime:
             loss = loss.float()
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-        if state.capturing:
-            state.captured = (loss, stats, target, ignore_index)
+        if state.capturing:  # a copy: the forward may add to its loss in place (MoE: loss +=)
+            state.captured = (loss.clone(), stats, target, ignore_index)
         return loss
 
 
