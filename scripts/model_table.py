@@ -136,9 +136,21 @@ def smoothed_loss(eps):
     return loss_function
 
 
+# A tiny config that still gives a large model (a sub-config the generic sizes miss) is not built:
+# a few such models would take the machine's memory.
+MAX_PARAMS = 20_000_000
+
+
 def build(name: str, dtype):
     cls = getattr(transformers, name)
     cfg = tiny_config(cls.config_class())
+    try:  # count the parameters without allocating them
+        with torch.device("meta"):
+            n = sum(p.numel() for p in cls(copy.deepcopy(cfg)).parameters())
+    except Exception:  # noqa: BLE001 - the real build below reports its own failure
+        n = 0
+    if n > MAX_PARAMS:
+        raise MemoryError(f"{n / 1e6:.0f}M parameters from the tiny config")
     torch.manual_seed(0)
     model = cls(cfg).to(dtype)
     model.train()
