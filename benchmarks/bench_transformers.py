@@ -76,9 +76,11 @@ EPS = 0.1
 class FixedHidden(nn.Module):
     """Stands in for the decoder stack: returns the same final hidden states on every call."""
 
-    def __init__(self, hidden: torch.Tensor):
+    def __init__(self, hidden: torch.Tensor, embed_tokens: nn.Module):
         super().__init__()
         self.hidden = hidden
+        # unused; transformers finds the output embeddings only where the input ones exist
+        self.embed_tokens = embed_tokens
 
     def forward(self, **kwargs):
         return BaseModelOutputWithPast(last_hidden_state=self.hidden)
@@ -122,7 +124,9 @@ def build(args):
         head_only = copy.deepcopy(base)
         with torch.no_grad():
             hidden = base.model(input_ids=ids).last_hidden_state
-        head_only.model = FixedHidden(hidden.clone().requires_grad_(True))
+        head_only.model = FixedHidden(
+            hidden.clone().requires_grad_(True), head_only.model.embed_tokens
+        )
         part = make(head_only)
         paths[name] = dict(step=full, loss_part=part)
     return paths, batch, n_items

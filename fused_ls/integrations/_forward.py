@@ -13,16 +13,19 @@ router loss, output construction) and changes only the *head region*, the statem
     logits = logits.float() / .contiguous()  ->  logits.float() / logits.contiguous()
     loss = self.loss_function(logits, ...)   ->  loss = __fused_ls__.loss(self, logits, ...)
     return Out(..., logits=logits, ...)      ->  Out(..., logits=__fused_ls__.logits(self, logits))
+    output = (logits,) + outputs[1:]         ->  (__fused_ls__.logits(self, logits),) + ...
 
 (also inside ``if`` blocks, e.g. Gemma's ``if self.config.final_logit_softcapping is not None:``).
 A ``Plan`` records the head module, its input and the constant factors, each evaluated at call
 time exactly where the model evaluates it; ``loss`` folds them into one fused call (the factors
 into the hidden states, ``[/c, tanh, ·c]`` into ``softcap=c``) and ``logits`` replays them on the
 real logits in eval mode (``None`` in training: no logits are built). Anything else that reads
-``logits`` (a slice, a custom soft-cap function, a second head, a tuple return), a head call that
-is not the model's output embeddings, or logits that do not come from a head call, is refused with
-the statement. The rewritten function is compiled with the original's globals (and closure), and
-the original's call-time decorators are applied to it.
+the logits (a slice, a bias, a custom soft-cap function, a loss of its own), or logits that do not
+come from one call of a head module, is refused with the statement (the head module itself is
+checked at call time: ``_heads``). The logits variable is the one the forward hands to
+``self.loss_function`` (``logits``, Falcon's ``lm_logits``). The rewritten function is compiled
+with the original's globals (and closure), and the original's call-time decorators are applied to
+it.
 """
 
 from __future__ import annotations
@@ -323,6 +326,7 @@ def read_forward(cls) -> ForwardSpec:
         raise refuse(cls, f"its head applies {why}")
     call = rw.loss_calls[0]
     loss_kwargs = any(k.arg is None and ast.unparse(k.value) in var_kw for k in call.keywords)
+    # (the rewritten call: self, logits, labels, vocab_size, ...)
     vocab = [k.value for k in call.keywords if k.arg == "vocab_size"] + call.args[3:4]
     vocab = ast.unparse(vocab[0]) if vocab else None
 
