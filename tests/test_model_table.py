@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 model_table = load_script("model_table")
 
 # The classes the integration must reproduce exactly (dense, MoE with router loss, scaled heads,
-# soft caps, GPT-2/NeoX heads, VLMs).
+# soft caps, GPT-2/NeoX heads, VLMs) and the forms the rewrite handles.
 EXACT = [
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM",
@@ -24,10 +24,12 @@ EXACT = [
     "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
     "Gemma3ForConditionalGeneration", "LlavaForConditionalGeneration",
     "Mistral3ForConditionalGeneration",
+    "BloomForCausalLM",  # a return_dict=False tuple of the logits
+    "FalconForCausalLM",  # the logits named lm_logits
 ]  # fmt: skip
 # Refused, with the statement or attribute named.
 REFUSED = {
-    "BloomForCausalLM": r"output = \(logits,\) \+ transformer_outputs\[1:\]",
+    "Inkling2ForCausalLM": r"self\.logit_softcap\(logits\).*other than a constant scale",
     "BartForConditionalGeneration": "does not call self.loss_function",
     "TrOCRForCausalLM": r"loss_fct\(logits\.view\(-1, self\.config\.vocab_size\)",
     "RobertaForCausalLM": "its lm_head is a RobertaLMHead, not a plain nn.Linear",
