@@ -14,9 +14,10 @@ import torch
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install fused_ls[peft])")
 transformers = pytest.importorskip("transformers")
 
-from test_transformers import make_batch, make_model, reference_loss  # noqa: E402
+from test_transformers import Rows, make_batch, make_model, reference_loss, trainer_args  # noqa: E402
 
 from fused_ls.integrations.transformers import (  # noqa: E402
+    FusedLSTrainer,
     UnsupportedModelError,
     apply_fused_ls,
     revert_fused_ls,
@@ -123,3 +124,26 @@ def test_dora_on_the_head_is_refused():
     model = peft.get_peft_model(make_model("llama", torch.float64, vocab_size=512), cfg)
     with pytest.raises(UnsupportedModelError, match="variant"):
         apply_fused_ls(model, EPS)
+
+
+def test_fused_trainer_with_a_lora_head_trains_like_the_label_smoother(tmp_path):
+    """FusedLSTrainer on a PeftModel with LoRA on the attention and the head: two optimizer steps
+    with gradient accumulation give the logged losses and trained adapters of Trainer's own
+    LabelSmoother path."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+    base = make_model("llama", torch.float32, vocab_size=512)
+    ref = peft.get_peft_model(base, cfg)
+    model = copy.deepcopy(ref)
+    data = Rows(512)
+    stock = transformers.Trainer(model=ref, args=trainer_args(tmp_path / "a"), train_dataset=data)
+    fused = FusedLSTrainer(model=model, args=trainer_args(tmp_path / "b"), train_dataset=data)
+    stock.train()
+    fused.train()
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (fused, stock)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    trained = 0
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        if p.requires_grad:
+            trained += 1
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    assert trained >= 6  # q, v and the head's A and B
