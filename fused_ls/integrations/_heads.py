@@ -153,12 +153,12 @@ def check_module(owner, module: nn.Module, name: str = "lm_head") -> None:
     tp = _tp_weight(module) is not None
     accel = hasattr(module, "_hf_hook") and "_old_forward" in vars(module)
     if "forward" in vars(module) and not (tp or accel):
-        raise refuse(owner, "its lm_head has an instance-level forward of unknown origin")
+        raise refuse(owner, f"its {name} has an instance-level forward of unknown origin")
     known = isinstance(module, FSDPModule) or _is_zero3(module)
     if (module._forward_hooks or module._forward_pre_hooks) and not known:
         raise refuse(
             owner,
-            "its lm_head has forward hooks that are not FSDP2's or DeepSpeed ZeRO-3's "
+            f"its {name} has forward hooks that are not FSDP2's or DeepSpeed ZeRO-3's "
             "(the fused loss would bypass what they do to the logits)",
         )
 
