@@ -23,6 +23,7 @@ import copy
 import re
 import sys
 import time
+import types
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.utils import logging as hf_logging
 
+from fused_ls.integrations._forward import read_forward
 from fused_ls.integrations.transformers import UnsupportedModelError, apply_fused_ls
 
 EPS = 0.1
@@ -88,6 +90,8 @@ def tiny_config(cfg):
         sub = getattr(cfg, key, None)
         if isinstance(sub, transformers.PretrainedConfig):
             tiny_config(sub)
+    if getattr(cfg, "kv_lora_rank", None) and hasattr(cfg, "num_key_value_heads"):
+        cfg.num_key_value_heads = cfg.num_attention_heads  # latent attention: one K/V per head
     rope = getattr(cfg, "rope_parameters", None)
     if isinstance(rope, dict) and "vl" in str(getattr(cfg, "model_type", "")):
         rope["mrope_section"] = [2, 3, 3]  # multimodal rope: sums to head_dim / 2
@@ -170,6 +174,7 @@ def run(model, inputs, labels):
     torch.manual_seed(2)  # the same dropout draws in both models
     out = model(**inputs, labels=labels)
     out.loss.backward()
+    model._last_loss = out.loss.detach()
     return out.loss.detach()
 
 
@@ -194,13 +199,58 @@ def check(name: str) -> tuple[str, str]:
             failure = f"{type(e).__name__}: {_short(e)}"
     else:
         return "not built", failure
+    unpatched = copy.deepcopy(ref)  # for the float32 fallback rule below
     try:
         verdict, detail = _compare(ref, model, inputs, labels, expected, TOL[dtype])
+        if verdict == "MISMATCH" and dtype == torch.float32:
+            verdict, detail = _within_float32_roundoff(unpatched, ref, model, inputs, labels)
     except Exception as e:  # noqa: BLE001
         return "ERROR", f"{type(e).__name__}: {_short(e)}"
     if verdict == "exact" and dtype != torch.float64:
         detail += f" ({str(dtype).split('.')[-1]})"
     return verdict, detail
+
+
+def _within_float32_roundoff(unpatched, ref, model, inputs, labels):
+    """float32 models whose gradients amplify round-off (e.g. hyper-connection mixing): the error
+    is measured against a precise reference (the same model with its head GEMM and loss in
+    float64) and must be at most 2× the dense float32 reference's own error plus a small
+    allowance (below; the loss: 2× plus 1e-6 relative), as the project's low-precision tests."""
+    precise = unpatched
+    for p in precise.parameters():
+        p.grad = None
+    head = getattr(precise, read_forward(type(model)).head)
+    head.forward = types.MethodType(
+        lambda m, x: F.linear(x.double(), m.weight.double(),
+                              None if m.bias is None else m.bias.double()), head
+    )  # fmt: skip
+    exact = run(precise, inputs, labels).double()
+    got, dense = (run_loss(m) for m in (model, ref))
+    if abs(got - exact) > 2 * abs(dense - exact) + 1e-6 * abs(exact):
+        return "MISMATCH", f"loss {got:.8g} vs {exact:.8g} (float32 dense {dense:.8g})"
+    named = dict(precise.named_parameters())
+    dense_grads = dict(ref.named_parameters())
+    # absolute errors; the allowance: 1e-5 of the parameter's largest gradient, and 1e-6 of the
+    # model's (a gradient that nearly cancels carries round-off of the size of the terms summed)
+    top = max(float(q.grad.abs().max()) for q in named.values() if q.grad is not None)
+    n = 0
+    for pname, p in model.named_parameters():
+        q = named[pname]
+        if q.grad is None:
+            continue
+        scale = float(q.grad.abs().max())
+        err = float((p.grad - q.grad).abs().max())
+        err_dense = float((dense_grads[pname].grad - q.grad).abs().max())
+        if err > 2 * err_dense + 1e-5 * scale + 1e-6 * top:
+            return "MISMATCH", (f"gradient of {pname}: error {err:.2e} against a float64 head, "
+                                f"the dense float32 reference's {err_dense:.2e}")  # fmt: skip
+        n += 1
+    return "exact", f"loss and {n} parameter gradients, within 2x float32 round-off"
+
+
+def run_loss(model) -> float:
+    """The loss the last ``run`` of ``model`` gave (kept by ``run``)."""
+    return float(model._last_loss)
 
 
 def _compare(ref, model, inputs, labels, expected, tol):
@@ -279,9 +329,10 @@ def table(results: dict) -> str:
         "config (random weights, float64; float32 where a model cannot run in float64) and "
         "patched with `apply_fused_ls(model, 0.1)`. **exact**: the loss "
         "and every parameter gradient equal the unpatched model's forward with the dense "
-        "smoothed loss on its logits (float64: rtol 1e-6; float32: loss 1e-5, gradients 1e-4, "
-        "marked (float32)); **refused**: `UnsupportedModelError` with the "
-        "reason; **not built**: no tiny model could be built or run from the default config "
+        "smoothed loss on its logits (float64: rtol 1e-6; float32, marked so: loss 1e-5, "
+        "gradients 1e-4, or, where a model amplifies round-off, at most twice the float32 dense "
+        "reference's own error against the same model with its head in float64); **refused**: "
+        "`UnsupportedModelError` with the reason; **not built**: no tiny model could be built or run from the default config "
         "(the reason). Generated by `python scripts/model_table.py`.",
         "",
         "| verdict | classes |",
