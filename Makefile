@@ -17,7 +17,7 @@ CSRC    := $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 $(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -r requirements-dev.txt
+	DS_BUILD_OPS=0 $(VPY) -m pip install -q -r requirements-dev.txt
 	$(VPY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 

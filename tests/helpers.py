@@ -7,6 +7,9 @@ tests: error(ours) <= 2 · error(pytorch_lowp) + atol, both measured against flo
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 import fused_ls
@@ -102,3 +105,12 @@ def problem(x: torch.Tensor, target: torch.Tensor, num_classes=None, col_offset=
     C = num_classes if num_classes is not None else x.shape[1]
     acc = fused_ls.backends.acc_dtype(x.dtype)
     return make_problem(opts, target, target.shape, acc, x, C, col_offset)
+
+
+def load_script(name: str):
+    """A module of scripts/ by file name (scripts/ is not a package)."""
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

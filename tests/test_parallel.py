@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib
 import itertools
 import os
 import socket
@@ -68,7 +69,7 @@ def _worker(rank: int, world: int, port: int, checks: tuple[str, ...], log: str)
     reached("init_process_group")
     try:
         for name in checks:
-            CHECKS[name](rank, world)
+            _check(name)(rank, world)
             reached(name)
         # No rank tears its connections down while a peer may still be sending to it.
         dist.barrier()
@@ -83,6 +84,15 @@ def _worker(rank: int, world: int, port: int, checks: tuple[str, ...], log: str)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _check(name: str):
+    """A check by name: this module's ``CHECKS[name]``, or ``"module:function"`` of another test
+    module (tests/ is on the path of the spawned processes)."""
+    if ":" not in name:
+        return CHECKS[name]
+    module, _, fn = name.partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def _launch(world: int, *checks: str, timeout: float = 240) -> None:

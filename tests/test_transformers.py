@@ -19,6 +19,7 @@ transformers = pytest.importorskip(
     exc_type=ImportError,
 )
 
+from helpers import load_script  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 from transformers.modeling_utils import slice_logits_to_keep  # noqa: E402
@@ -32,6 +33,9 @@ from fused_ls.integrations.transformers import (  # noqa: E402
     patch_trainer,
     revert_fused_ls,
 )
+
+# the compatibility script: its reference loss_function (ForCausalLMLoss, dense and smoothed)
+model_table = load_script("model_table")
 
 # Whole-model gradients go through every layer's backward, so fp32 gets a looser tolerance than a
 # single op (tests/helpers.TOL); atol is relative to the parameter's largest gradient.
@@ -136,11 +140,12 @@ def test_loss_and_every_gradient_match_reference(family, dtype):
 
 
 def test_no_logits_are_built_in_training():
-    """The head module is never called; the fused function gets the hidden states and weight."""
+    """The head module is called once (so that hooks gathering its weight fire) but returns the
+    loss: no [B, T, V] logits in training; eval builds them, as the model does."""
     model, _ = patched_pair()
-    calls = []
+    shapes = []
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, args, out: calls.append(mod) if mod is model.lm_head else None
+        lambda mod, args, out: shapes.append(tuple(out.shape)) if mod is model.lm_head else None
     )
     try:
         model(**make_batch(model.config.vocab_size)).loss.backward()
@@ -148,7 +153,9 @@ def test_no_logits_are_built_in_training():
         model(**make_batch(model.config.vocab_size))  # eval builds them, as the model does
     finally:
         handle.remove()
-    assert calls == [model.lm_head]
+    V = model.config.vocab_size
+    # training: the head's call returns the scalar loss; eval: the loss, then the logits
+    assert shapes == [(), (), (2, 12, V)]
 
 
 def test_agrees_with_transformers_label_smoother():
@@ -358,13 +365,13 @@ class InlineSliceLlama(transformers.LlamaForCausalLM):
 
 
 class ScaledLlama(InlineSliceLlama):
-    """One extra statement in the head: must be refused, naming it."""
+    """An operation on the logits that is not a constant scale: must be refused, naming it."""
 
     def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
         outputs = self.model(input_ids=input_ids, **kwargs)
         hidden_states = outputs.last_hidden_state
         hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
-        logits = self.lm_head(hidden_states) * 2.0
+        logits = self.lm_head(hidden_states) - self.lm_head(hidden_states).sum(-1, keepdim=True)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
@@ -383,20 +390,6 @@ def test_inline_slice_form_of_transformers_5_0():
     assert_close(out.loss, expected.loss, torch.float32)
 
 
-def _cohere():
-    cfg = transformers.CohereConfig(vocab_size=512, **TINY)
-    return transformers.CohereForCausalLM(cfg)
-
-
-def _granite():
-    return transformers.GraniteForCausalLM(transformers.GraniteConfig(vocab_size=512, **TINY))
-
-
-def _mixtral():
-    cfg = transformers.MixtralConfig(vocab_size=512, num_local_experts=2, **TINY)
-    return transformers.MixtralForCausalLM(cfg)
-
-
 def _scaled():
     return ScaledLlama(make_model(vocab_size=512).config)
 
@@ -408,12 +401,6 @@ def _lora_like_head():
 
     model = make_model(vocab_size=512)
     model.lm_head = AdapterLinear(64, 512, bias=False)
-    return model
-
-
-def _tensor_parallel():
-    model = make_model(vocab_size=512)
-    model._tp_size = 2  # what from_pretrained(tp_plan=...) records
     return model
 
 
@@ -432,16 +419,12 @@ def _custom_loss_function():
 @pytest.mark.parametrize(
     "build, match",
     [
-        (_cohere, r"logits \* self\.logit_scale.*logit scaling"),
-        (_granite, r"logits_scaling.*logit scaling"),
-        (_mixtral, "router auxiliary loss"),
-        (_scaled, r"self\.lm_head\(hidden_states\) \* 2\.0"),
+        (_scaled, r"self\.lm_head\(hidden_states\)\.sum\(-1, keepdim=True\)"),
         (_lora_like_head, "lm_head is a AdapterLinear, not a plain nn.Linear"),
-        (_tensor_parallel, "tensor-parallel"),
-        (_padded_vocab, "520 rows but config.vocab_size is 512"),
+        (_padded_vocab, "520 rows but self.config.vocab_size is 512"),
         (_custom_loss_function, "not ForCausalLMLoss"),
     ],
-    ids=["cohere", "granite", "mixtral", "subclass", "adapter", "tp", "vocab", "loss"],
+    ids=["subclass", "adapter", "vocab", "loss"],
 )
 def test_refused_models_are_left_untouched(build, match):
     model = build()
@@ -556,3 +539,125 @@ def test_fused_trainer_patches_models_from_model_init(tmp_path):
     assert trainer.model is not first  # re-created by train()
     assert trainer.model.fused_ls.options == {"z_loss": 1e-4}
     assert trainer.model.fused_ls.smoothing == EPS and trainer.label_smoother is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Beyond the plain head: MoE router loss, what the forward (not the config) does, VLM pixels,
+# accelerate's hooks
+# ------------------------------------------------------------------------------------------------
+
+
+def forward_pair(ref, dtype, **inputs):
+    """(patched output, reference output) after backward, for a model and its reference."""
+    model = copy.deepcopy(ref)
+    ref.loss_function = model_table.smoothed_loss(EPS)
+    apply_fused_ls(model, EPS)
+    out, expected = model(**inputs), ref(**inputs)
+    assert_close(out.loss, expected.loss, dtype)
+    out.loss.backward()
+    expected.loss.backward()
+    # every gradient the reference has (a VLM's unused vision parameters have none, the CLS
+    # embedding LLaVA drops has zeros), relative to the model's largest
+    top = max(float(q.grad.abs().max()) for q in ref.parameters() if q.grad is not None)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, dtype, top, f"gradient of {name}")
+    return out, expected
+
+
+def test_moe_router_loss_is_added_as_the_model_adds_it():
+    """Mixtral: loss = smoothed CE + router_aux_loss_coef · aux_loss, aux_loss returned; fp32
+    (its grouped-GEMM experts do not run in fp64)."""
+    cfg = transformers.MixtralConfig(
+        vocab_size=512, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5,
+        **TINY,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.MixtralForCausalLM(cfg)
+    batch = make_batch(512)
+    out, expected = forward_pair(ref, torch.float32, **batch, output_router_logits=True)
+    assert out.aux_loss is not None and out.logits is None
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss)
+    ce = reference_loss(ref, batch)
+    assert (out.loss - ce - 0.5 * out.aux_loss).abs() < 1e-5  # the router term is in the loss
+
+
+@pytest.mark.parametrize("cls, scale", [("CohereForCausalLM", "logit_scale"),
+                                        ("GraniteForCausalLM", "logits_scaling")])  # fmt: skip
+def test_scaled_heads(cls, scale):
+    """Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling: both
+    read at call time (a changed value is followed)."""
+    cfg = getattr(transformers, cls.replace("ForCausalLM", "Config"))(vocab_size=512, **TINY)
+    setattr(cfg, scale, 0.25)
+    torch.manual_seed(0)
+    ref = getattr(transformers, cls)(cfg).double()
+    forward_pair(ref, torch.float64, **make_batch(512))
+
+
+def test_gemma3_vlm_does_not_softcap_although_its_config_says_so():
+    """Gemma3ForConditionalGeneration's forward applies no final soft cap; its text config's
+    final_logit_softcapping (set here) must not be applied (a patch that read the config would)."""
+    text = transformers.Gemma3TextConfig(vocab_size=512, final_logit_softcapping=1.0, **TINY)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(cfg).double()
+    batch = make_batch(512)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    capped = F.cross_entropy(
+        *shifted(1.0 * torch.tanh(ref(**inputs).logits / 1.0), batch["labels"]),
+        label_smoothing=EPS,
+    )
+    out, _ = forward_pair(ref, torch.float64, **batch)
+    assert (out.loss - capped).abs() > 1e-2
+
+
+def test_vlm_batch_with_pixel_values():
+    """LLaVA with an image in every row: the same loss and gradients, vision tower included."""
+    text = transformers.LlamaConfig(vocab_size=300, **TINY)
+    vision = transformers.CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_id=299)
+    torch.manual_seed(0)
+    ref = transformers.LlavaForConditionalGeneration(cfg).double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 290, (2, 24), generator=g)
+    ids[:, 2:18] = 299  # (32 / 8)² = 16 image tokens
+    labels = ids.masked_fill(ids == 299, -100)
+    pixels = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    forward_pair(ref, torch.float64, input_ids=ids, pixel_values=pixels, labels=labels)
+    assert ref.model.vision_tower.embeddings.patch_embedding.weight.grad.abs().max() > 0
+
+
+def test_accelerate_offloaded_head():
+    """accelerate's cpu_offload on the head (weights on the meta device outside its call, loaded
+    by its AlignDevicesHook): the fused loss runs inside the hooked call, same loss."""
+    accelerate = pytest.importorskip("accelerate")
+    ref = make_model(dtype=torch.float64, vocab_size=512)
+    model = copy.deepcopy(ref)
+    accelerate.cpu_offload(model.lm_head, execution_device="cpu")
+    assert model.lm_head.weight.device.type == "meta"
+    apply_fused_ls(model, EPS)
+    batch = make_batch(512)
+    with torch.no_grad():
+        assert_close(model(**batch).loss, reference_loss(ref, batch), torch.float64)
+    assert model.lm_head.weight.device.type == "meta"  # offloaded again after the call
+
+
+def test_apply_on_a_model_whose_forward_was_wrapped_after_patching():
+    """Patched, then wrapped by another instance forward (TRL's fused head does that): applying
+    again updates ε and the options and keeps the wrapper."""
+    model, ref = patched_pair()
+    inner = model.forward
+    model.forward = lambda *a, **k: inner(*a, **k)
+    wrapper = model.forward
+    apply_fused_ls(model, 0.2)
+    assert model.forward is wrapper and model.fused_ls.smoothing == 0.2
+    batch = make_batch(model.config.vocab_size)
+    assert_close(model(**batch).loss, reference_loss(ref, batch, eps=0.2), torch.float64)
