@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench bench-full bench-parallel microbench lint format info clean install-check
+.PHONY: venv test test-slow bench bench-full bench-parallel microbench lint format info clean install-check
 .PHONY: docs
 
 venv: $(STAMP)
@@ -23,6 +23,11 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml fused_ls/build.py $(CSRC)
 
 test: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# The long-running tests (marked slow, left out of `make test`): the compatibility sweep over every
+# causal-LM and image-text-to-text class of the installed transformers. CI runs them once.
+test-slow: venv
+	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The main job, quick (target: at most 4 minutes on 2 quiet cores): the loss against eager,
 # torch.compile and the copy/read floors at one LM size, the fixed cost at one classifier size, the

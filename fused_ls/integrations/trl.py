@@ -40,7 +40,7 @@ import warnings
 import torch
 from trl import SFTTrainer
 
-from .transformers import _peft_base, apply_fused_ls, refresh_accepts_loss_kwargs
+from ._patch import _peft_base, apply_fused_ls, refresh_accepts_loss_kwargs
 
 __all__ = ["patch_sft_trainer"]
 
