@@ -25,11 +25,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import MODES, backends, ignore_row, make_data
+from helpers import MODES, backends, device_under_test, ignore_row, kw_to, make_data
 
 import fused_ls
 from fused_ls import VocabShard
-from fused_ls.backends import Request, reasons_for
+from fused_ls.backends import Request, reasons_for, registry
 
 V = 1003  # not divisible by 2 or 3
 H = 16
@@ -40,7 +40,15 @@ TOL = {
 }
 DTYPES = (torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = backends("cpu", among=("torch", "cpp"))  # Triton: check_triton_interpreted
+BACKENDS = backends("cpu", among=("torch", "cpp"))  # Triton: check_triton, on its own device
+# Triton serves CUDA tensors where a GPU is present, else CPU tensors through the interpreter
+# (conftest.py sets TRITON_INTERPRET=1 there; the spawned ranks inherit it).
+TRITON_DEVICE = device_under_test(gpu_if_present=True)
+TRITON = backends(TRITON_DEVICE, interpreted_triton=True, among=("triton",))
+TRITON_WHY = (
+    "; ".join(reasons_for("triton", Request(TRITON_DEVICE.type, torch.float32)))
+    or "FUSED_LS_TEST_BACKENDS leaves it out"
+)
 COLLECTIVE_TIMEOUT_S = 60
 lsce = fused_ls.label_smoothing_cross_entropy
 
@@ -294,13 +302,13 @@ def check_linear(rank, world):
             _close(nog, ref_l, dtype, f"{what} no_grad loss")
 
 
-def check_triton_interpreted(rank, world):
-    """The Triton backend (through the interpreter on CPU: slow, so two modes)."""
-    if reasons_for("triton", Request("cpu", torch.float32)):
-        return
+def check_triton(rank, world):
+    """The Triton backend on the device it serves (CPU tensors through the interpreter: slow,
+    so two modes). Scheduled only where it can serve (test_triton_equals_single_process)."""
     lo, hi = _slice(rank, world)
     for mode, red in itertools.product(("uniform", "everything"), ("mean", "none")):
         x, y, kw, _ = _case(world, mode, torch.float32, seed=13)
+        x, y, kw = x.to(TRITON_DEVICE), y.to(TRITON_DEVICE), kw_to(kw, TRITON_DEVICE)
         ref_l, ref_st, (ref_g,) = _loss_grads(lsce, [x], red, y, backend="triton", **kw)
         loss, st, (grad,) = _loss_grads(
             lsce, [x[:, lo:hi]], red, y, backend="triton", process_group=dist.group.WORLD, **kw
@@ -475,7 +483,7 @@ CHECKS = {
         check_group_of_one,
         check_linear,
         check_modules,
-        check_triton_interpreted,
+        check_triton,
         check_collectives,
         check_dtensor,
         check_errors,
@@ -487,19 +495,45 @@ CHECKS = {
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
 )
+# The checks loop over BACKENDS: with none (FUSED_LS_TEST_BACKENDS naming neither), they would
+# pass having checked nothing, so their tests are skipped instead, saying why.
+needs_backends = pytest.mark.skipif(
+    not BACKENDS, reason="FUSED_LS_TEST_BACKENDS names neither torch nor cpp"
+)
 
 
+@needs_backends
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_mode_equals_single_process(world):
     _launch(world, "check_modes", "check_special_values")
 
 
+@needs_backends
 @pytest.mark.parametrize("world", [2, 3])
 def test_fused_linear_head(world):
-    triton = ("check_triton_interpreted",) if world == 2 else ()  # slow: one world size
-    _launch(world, "check_linear", "check_modules", *triton)
+    _launch(world, "check_linear", "check_modules")
 
 
+@pytest.mark.skipif(not TRITON, reason=f"triton is not tested here: {TRITON_WHY}")
+def test_triton_equals_single_process():
+    _launch(2, "check_triton")  # slow through the interpreter: one world size
+
+
+@needs_backends
 @pytest.mark.parametrize("world", [2, 3])
 def test_collectives_dtensor_errors(world):
     _launch(world, "check_collectives", "check_dtensor", "check_errors", "check_group_of_one")
+
+
+def test_the_triton_check_fails_where_triton_cannot_serve(monkeypatch):
+    """Where Triton cannot serve, its check raises (and its test is skipped at the pytest level,
+    saying why): it never returns having checked nothing. The check's first step (the
+    single-process reference) needs no process group."""
+    triton = type(fused_ls.backends.get("triton"))
+    monkeypatch.setattr(triton, "unavailable_reason", lambda self: "made unavailable by the test")
+    registry._resolve.cache_clear()  # a cached earlier resolution would still pick it
+    try:
+        with pytest.raises(ValueError, match="made unavailable by the test"):
+            CHECKS["check_triton"](0, 2)
+    finally:
+        registry._resolve.cache_clear()
