@@ -107,7 +107,8 @@ def _mix(N, C, g, device, lam):
 # sparse with fix-up columns), mixup (ridx_b, scalar and per-row λ, with each similarity),
 # per-row ε, adaptive ε (both confidences), z-loss, soft cap, confidence penalty, a class id as
 # ignore_index, and all of them at once. Every file that tests "every mode" takes this table;
-# a mode added here is tested on every backend, the head and the sharded paths.
+# a mode added here is tested on every backend (Triton's interpreter runs a fixed subset, see
+# tests/test_triton.py), the fused head and the sharded paths.
 MODES = {
     "uniform": lambda N, C, g, d: dict(smoothing=0.1),
     "no_smoothing": lambda N, C, g, d: dict(smoothing=0.0),

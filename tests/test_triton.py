@@ -83,7 +83,32 @@ def test_triton_states_what_it_cannot_serve():
 # ---------------------------------------------------------------------------------------------
 # every mode, every dtype
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", list(MODES))
+# Every mode on a GPU. Through the interpreter (slow) the fifteen this table held before the one
+# mode table, which reach every kernel branch; the other six only combine branches these reach
+# (weight: test_reductions; dense_sim: dense_sim_weight; mixup_rows, mixup_dense:
+# mixup_rows_dense; mixup_sparse_all: mixup_sparse, everything_dense; everything: its parts here,
+# the combination in tests/test_one_call.py and tests/test_parallel.py on the interpreter).
+INTERPRETER_MODES = [
+    "uniform",
+    "no_smoothing",
+    "weight_ignore",
+    "dense_sim_weight",
+    "sparse_sim",
+    "per_sample_eps",
+    "adaptive_max",
+    "adaptive_target",
+    "z_loss",
+    "softcap",
+    "confidence_penalty",
+    "mixup",
+    "mixup_rows_dense",
+    "mixup_sparse",
+    "everything_dense",
+]
+FP32_MODES = list(MODES) if DEVICE.type == "cuda" else INTERPRETER_MODES
+
+
+@pytest.mark.parametrize("mode", FP32_MODES)
 def test_modes_fp32(mode):
     n, c = SHAPES[-1]
     x, y, kw = make_case(mode, n, c, device=DEVICE)
