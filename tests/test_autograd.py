@@ -13,42 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import available_cpu_backends
+from helpers import backends, kw_to, make_case, make_data
 
 import fused_ls
-from fused_ls import ConfidenceAdaptive, SparseSimilarity, reference
+from fused_ls import reference
 
-BACKENDS = available_cpu_backends()
+BACKENDS = backends("cpu", interpreted_triton=True)
 F64_BACKENDS = [b for b in BACKENDS if b != "triton"]  # Triton accumulates fp64 in fp32
 REDUCTIONS = ("mean", "sum", "none")
 lsce = fused_ls.label_smoothing_cross_entropy
 llsce = fused_ls.linear_label_smoothing_cross_entropy
-
-
-def _case(N=7, C=13, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(N, C, generator=g) * 2).to(dtype)
-    y = torch.randint(0, C, (N,), generator=g)
-    y[1] = -100
-    return x, y, g
-
-
-def _modes(C, N, g):
-    """A plain and an everything-at-once configuration (every per-row branch of the gradient)."""
-    return {
-        "uniform": {},
-        "everything": {
-            "weight": torch.rand(C, generator=g) + 0.2,
-            "similarity": SparseSimilarity.from_dense(torch.rand(C, C, generator=g), 3),
-            "similarity_mix": 0.5,
-            "adaptive": ConfidenceAdaptive(0.5, 2.0),
-            "z_loss": 1e-2,
-            "softcap": 4.0,
-            "confidence_penalty": 0.2,
-            "mix_target": torch.randint(0, C, (N,), generator=g),
-            "mix_lambda": 0.3,
-        },
-    }
 
 
 def _upstream(loss, g, scale=1.0):
@@ -59,21 +33,21 @@ def _upstream(loss, g, scale=1.0):
 
 def _reference_grad(x, y, go, reduction, **kw):
     xd = x.double().requires_grad_(True)
-    loss = reference.cross_entropy(xd, y, 0.1, reduction=reduction, **kw)
+    loss = reference.cross_entropy(xd, y, reduction=reduction, **kw)
     (g,) = torch.autograd.grad(loss, xd, go.double())
     return g
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("mode", ["uniform", "everything"])
+@pytest.mark.parametrize("mode", ["uniform", "everything"])  # (tests/helpers.py MODES)
 def test_retained_graph_backwards_are_exact(backend, reduction, mode):
     """The first backward takes the forward's gradient, later ones recompute it: the same
     upstream gives the same bits, another upstream its multiple, each equal to the reference."""
-    x, y, g = _case()
-    kw = _modes(x.shape[1], x.shape[0], g)[mode]
+    x, y, kw = make_case(mode, 7, 13, scale=2.0)
+    g = torch.Generator().manual_seed(1)
     xr = x.clone().requires_grad_(True)
-    loss = lsce(xr, y, 0.1, reduction=reduction, backend=backend, **kw)
+    loss = lsce(xr, y, reduction=reduction, backend=backend, **kw)
     go = _upstream(loss, g)
     (first,) = torch.autograd.grad(loss, xr, go, retain_graph=True)
     (again,) = torch.autograd.grad(loss, xr, go, retain_graph=True)
@@ -89,7 +63,7 @@ def test_retained_graph_backwards_are_exact(backend, reduction, mode):
 def test_zero_and_negative_upstream(backend, reduction):
     """An upstream of 0 gives exactly 0 (finite logits); a negative one, the negated multiple;
     also as the first backward of a fresh graph each time."""
-    x, y, g = _case(seed=1)
+    x, y, g = make_data(7, 13, seed=1, scale=2.0)
     for scale in (0.0, -1.0, -2.5):
         xr = x.clone().requires_grad_(True)
         loss = lsce(xr, y, 0.1, reduction=reduction, backend=backend)
@@ -97,7 +71,7 @@ def test_zero_and_negative_upstream(backend, reduction):
         (grad,) = torch.autograd.grad(loss, xr, go)
         if scale == 0.0:
             assert torch.equal(grad, torch.zeros_like(grad))
-        ref = _reference_grad(x, y, go, reduction)
+        ref = _reference_grad(x, y, go, reduction, smoothing=0.1)
         torch.testing.assert_close(grad, ref.float(), rtol=2e-5, atol=1e-7)
 
 
@@ -107,14 +81,12 @@ def test_zero_and_negative_upstream(backend, reduction):
 def test_gradcheck_loss(backend, reduction, mode):
     """float64 gradcheck (it runs the backward several times on one graph, and checks that
     repeated backwards agree bit for bit)."""
-    x, y, g = _case(N=5, C=7, dtype=torch.float64, seed=2)
-    kw = _modes(7, 5, g)[mode]
-    kw = {
-        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()
-    }
+    x, y, kw = make_case(mode, 5, 7, seed=2, scale=2.0)
+    x = x.double()
+    kw = kw_to(kw, dtype=torch.float64)
     xr = x.clone().requires_grad_(True)
     torch.autograd.gradcheck(
-        lambda t: lsce(t, y, 0.1, reduction=reduction, backend=backend, **kw), (xr,)
+        lambda t: lsce(t, y, reduction=reduction, backend=backend, **kw), (xr,)
     )
 
 
@@ -164,7 +136,7 @@ def test_fused_head_zero_and_negative_upstream(backend, reduction):
 def test_compiled_fullgraph_scaled_loss(backend, reduction):
     """torch.compile(fullgraph=True) of a step with a scaled loss: the gradient equals eager's,
     and two backwards through the compiled graph agree."""
-    x, y, g = _case(N=9, C=21, seed=5)
+    x, y, g = make_data(9, 21, seed=5, scale=2.0)
     w = torch.rand(21, generator=g) + 0.5
 
     def step(t):
@@ -182,13 +154,14 @@ def test_compiled_fullgraph_scaled_loss(backend, reduction):
     torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-8)
     assert torch.equal(gc, gc2)
     go = torch.tensor(2.5) if reduction != "none" else torch.full((9,), 2.5)
-    torch.testing.assert_close(gc, _reference_grad(x, y, go, reduction, weight=w).float())
+    ref = _reference_grad(x, y, go, reduction, smoothing=0.1, weight=w)
+    torch.testing.assert_close(gc, ref.float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_changed_in_place_after_forward(backend):
     """The forward-time gradient, or autograd's clear error; never a gradient of the new values."""
-    x, y, g = _case(seed=6)
+    x, y, _ = make_data(7, 13, seed=6, scale=2.0)
     leaf = x.clone().requires_grad_(True)
     h = leaf * 1
     loss = lsce(h, y, 0.1, backend=backend)
@@ -206,12 +179,13 @@ def test_logits_changed_in_place_after_forward(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_second_backward_raises_clearly(backend):
-    x, y, _ = _case(seed=7)
+    x, y, _ = make_data(7, 13, seed=7, scale=2.0)
     leaf = x.clone().requires_grad_(True)
     h = leaf * 1
     loss = lsce(h, y, 0.1, inplace_backward=True, backend=backend)
     loss.backward(retain_graph=True)
-    torch.testing.assert_close(leaf.grad, _reference_grad(x, y, torch.tensor(1.0), "mean").float())
+    ref = _reference_grad(x, y, torch.tensor(1.0), "mean", smoothing=0.1)
+    torch.testing.assert_close(leaf.grad, ref.float())
     with pytest.raises(RuntimeError, match="inplace_backward=True"):
         loss.backward()
 
@@ -243,7 +217,7 @@ class _Spy:
 def test_one_pass_when_autograd_needs_the_gradient(monkeypatch, backend):
     """Grad needed: one forward_backward in the forward, and the backward of a unit upstream only
     rescales (a no-op); no grad (no_grad, or logits that do not require grad): forward only."""
-    x, y, _ = _case(seed=8)
+    x, y, _ = make_data(7, 13, seed=8, scale=2.0)
     spy = _Spy(monkeypatch, backend)
     xr = x.clone().requires_grad_(True)
     loss = lsce(xr, y, 0.1, backend=backend)
@@ -264,8 +238,8 @@ def test_gradient_buffers_are_reused_once_freed(monkeypatch):
     while the gradient lives; the results are those of fresh buffers; empty_cache frees them."""
     monkeypatch.delenv("FUSED_LS_NO_BUFFER_POOL", raising=False)
     fused_ls.empty_cache()
-    x, y, _ = _case(N=80, C=32000, seed=9)  # 10 MB of fp32 logits
-    ref = _reference_grad(x, y, torch.tensor(1.0), "mean").float()
+    x, y, _ = make_data(80, 32000, seed=9, scale=2.0)  # 10 MB of fp32 logits
+    ref = _reference_grad(x, y, torch.tensor(1.0), "mean", smoothing=0.1).float()
     xr = x.clone().requires_grad_(True)
     (g1,) = torch.autograd.grad(lsce(xr, y, 0.1, backend="cpp"), xr)
     (g2,) = torch.autograd.grad(lsce(xr, y, 0.1, backend="cpp"), xr)

@@ -11,9 +11,7 @@ import sys
 import textwrap
 
 import pytest
-import torch
-
-import fused_ls
+from helpers import backends
 
 SCRIPT = textwrap.dedent(
     """
@@ -54,12 +52,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _cpu_backends():
-    req = fused_ls.backends.Request("cpu", torch.float32)
-    return ["auto"] + [b for b in ("torch", "cpp") if not fused_ls.backends.reasons_for(b, req)]
-
-
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", ["auto", *backends("cpu", among=("torch", "cpp"))])
 @pytest.mark.parametrize("mode", ["uniform", "everything"])
 def test_compile_is_the_first_call(backend, mode, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FUSED_LS_BACKEND"}

@@ -2,104 +2,32 @@
 
 The device is CPU unless FUSED_LS_TEST_DEVICE=cuda (the GPU script sets it). The backends are
 all those that can serve that device, except Triton on CPU (the interpreter is slow: its own file
-tests/test_triton.py covers it); FUSED_LS_TEST_BACKENDS=a,b overrides the list.
+tests/test_triton.py covers it); FUSED_LS_TEST_BACKENDS=a,b narrows the list (tests/helpers.py).
 """
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_backend
+from helpers import (
+    DTYPES,
+    MODES,
+    backends,
+    check_backend,
+    device_under_test,
+    kw_to,
+    make_case,
+    make_data,
+)
 
 import fused_ls
-from fused_ls import ConfidenceAdaptive, SparseSimilarity, reference
-from fused_ls.backends import Request, reasons_for
+from fused_ls import SparseSimilarity, reference
+from fused_ls.backends import Request
 
-DEV = torch.device(os.environ.get("FUSED_LS_TEST_DEVICE", "cpu"))
-
-
-def _backends() -> list[str]:
-    env = os.environ.get("FUSED_LS_TEST_BACKENDS")
-    if env:
-        return env.split(",")
-    req = Request(DEV.type, torch.float32, False, False)
-    names = [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
-    if DEV.type == "cpu":
-        names = [b for b in names if b != "triton"]
-    return names
-
-
-BACKENDS = _backends()
-ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-if DEV.type == "cuda":
-    ALL_DTYPES.remove(torch.float64)
-
-# Every mode of the contract. Each entry is (name, keyword builder). The builder gets C and a
-# generator and returns the keyword arguments, so tensors are built for the right size.
-MODES = {
-    "uniform": lambda C, N, g: {},
-    "weight": lambda C, N, g: {"weight": torch.rand(C, generator=g) + 0.2},
-    "dense_sim": lambda C, N, g: {
-        "similarity": torch.rand(C, C, generator=g),
-        "similarity_mix": 0.7,
-    },
-    "dense_sim_weight": lambda C, N, g: {
-        "similarity": torch.rand(C, C, generator=g),
-        "weight": torch.rand(C, generator=g) + 0.2,
-    },
-    "sparse_sim": lambda C, N, g: {
-        "similarity": SparseSimilarity.from_dense(torch.rand(C, C, generator=g), min(3, C)),
-        "similarity_mix": 0.5,
-    },
-    "per_sample_eps": lambda C, N, g: {"smoothing": torch.rand(N, generator=g)},
-    "adaptive_max": lambda C, N, g: {"adaptive": ConfidenceAdaptive(0.5, 3.0, "max")},
-    "adaptive_target": lambda C, N, g: {"adaptive": ConfidenceAdaptive(0.3, 2.0, "target")},
-    "z_loss": lambda C, N, g: {"z_loss": 1e-2},
-    "softcap": lambda C, N, g: {"softcap": 2.5},
-    "confidence_penalty": lambda C, N, g: {"confidence_penalty": 0.3},
-    "mixup": lambda C, N, g: {
-        "mix_target": torch.randint(0, C, (N,), generator=g),
-        "mix_lambda": 0.3,
-    },
-    "mixup_rows_sim": lambda C, N, g: {
-        "mix_target": torch.randint(0, C, (N,), generator=g),
-        "mix_lambda": torch.rand(N, generator=g),
-        "similarity": torch.rand(C, C, generator=g),
-    },
-    "everything": lambda C, N, g: {
-        "weight": torch.rand(C, generator=g) + 0.2,
-        "similarity": SparseSimilarity.from_dense(torch.rand(C, C, generator=g), min(4, C)),
-        "similarity_mix": 0.6,
-        "adaptive": ConfidenceAdaptive(0.6, 1.5),
-        "z_loss": 1e-3,
-        "softcap": 4.0,
-        "confidence_penalty": 0.1,
-        "mix_target": torch.randint(0, C, (N,), generator=g),
-        "mix_lambda": 0.8,
-    },
-}
-
-
-def _to_dev(kw):
-    out = {}
-    for k, v in kw.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(DEV)
-        elif isinstance(v, SparseSimilarity):
-            v = v.to(DEV)
-        out[k] = v
-    return out
-
-
-def _problem(N, C, dtype, seed=0, ignore=True, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(N, C, generator=g) * scale).to(dtype)
-    y = torch.randint(0, C, (N,), generator=g)
-    if ignore and N > 2:
-        y[1] = -100
-    return x.to(DEV), y.to(DEV), g
+DEV = device_under_test()
+BACKENDS = backends(DEV)
+ALL_DTYPES = [d for d in DTYPES if not (DEV.type == "cuda" and d == torch.float64)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,7 +36,7 @@ def _problem(N, C, dtype, seed=0, ignore=True, scale=3.0):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_uniform_equals_pytorch(backend, dtype, reduction, weighted):
     """With uniform smoothing this is exactly F.cross_entropy(label_smoothing=ε)."""
-    x, y, g = _problem(67, 101, torch.float64)
+    x, y, g = make_data(67, 101, torch.float64, DEV)
     w = (torch.rand(101, generator=g, dtype=torch.float64) + 0.1).to(DEV) if weighted else None
     xd = x.to(dtype)
     a = fused_ls.label_smoothing_cross_entropy(
@@ -126,8 +54,7 @@ def test_uniform_equals_pytorch(backend, dtype, reduction, weighted):
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_modes_against_reference(backend, dtype, mode):
-    x, y, g = _problem(37, 29, dtype)
-    kw = _to_dev(MODES[mode](29, 37, g))
+    x, y, kw = make_case(mode, 37, 29, dtype, DEV)
     check_backend(backend, x, y, **kw)
 
 
@@ -136,8 +63,8 @@ def test_modes_against_reference(backend, dtype, mode):
 @pytest.mark.parametrize("mode", ["uniform", "dense_sim", "everything"])
 def test_odd_sizes(backend, shape, mode):
     N, C = shape
-    x, y, g = _problem(N, C, torch.float32, seed=N * 1000 + C)
-    check_backend(backend, x, y, reduction="none", **_to_dev(MODES[mode](C, N, g)))
+    x, y, kw = make_case(mode, N, C, torch.float32, DEV, seed=N * 1000 + C)
+    check_backend(backend, x, y, reduction="none", **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -167,8 +94,8 @@ def test_chunk_boundaries(backend, monkeypatch):
     from fused_ls.backends import torch_backend
 
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMS", 300)
-    x, y, g = _problem(203, 53, torch.float32, seed=5)
-    check_backend(backend, x, y, **_to_dev(MODES["everything"](53, 203, g)))
+    x, y, kw = make_case("everything", 203, 53, torch.float32, DEV, seed=5)
+    check_backend(backend, x, y, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,13 +103,9 @@ def test_chunk_boundaries(backend, monkeypatch):
 def test_gradcheck_float64(backend, mode):
     if DEV.type == "cuda":
         pytest.skip("float64 gradcheck runs on CPU")
-    x, y, g = _problem(6, 7, torch.float64, seed=7)
-    kw = MODES[mode](7, 6, g)
-    kw = {
-        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-        for k, v in kw.items()
-    }
-    eps = kw.pop("smoothing", 0.2)
+    x, y, kw = make_case(mode, 6, 7, torch.float64, seed=7)
+    kw = kw_to(kw, dtype=torch.float64)
+    eps = kw.pop("smoothing")
     xr = x.clone().requires_grad_(True)
     torch.autograd.gradcheck(
         lambda t: fused_ls.label_smoothing_cross_entropy(t, y, eps, backend=backend, **kw), (xr,)
@@ -191,7 +114,7 @@ def test_gradcheck_float64(backend, mode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_return_stats(backend):
-    x, y, _ = _problem(13, 17, torch.float32)
+    x, y, _ = make_data(13, 17, torch.float32, DEV)
     x3 = x.reshape(13, 17, 1)
     loss, st = fused_ls.label_smoothing_cross_entropy(
         x3, y[:, None], 0.1, return_stats=True, backend=backend
@@ -212,8 +135,7 @@ def test_return_stats(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["uniform", "everything"])
 def test_inplace_backward(backend, dtype, mode):
-    x, y, g = _problem(19, 31, dtype)
-    kw = _to_dev(MODES[mode](31, 19, g))
+    x, y, kw = make_case(mode, 19, 31, dtype, DEV)
     ref_loss, ref_grad = _loss_grad(x, y, backend, kw, inplace=False)
     leaf = x.clone().requires_grad_(True)
     h = leaf * 1  # the logits of a real model are an intermediate (matmul output)
@@ -247,7 +169,7 @@ def test_inplace_backward_bumps_version(backend):
     """Another op that saved the same logits must raise instead of using the overwritten values.
     The gradient is written over the logits in the forward (one pass), so the version moves
     there."""
-    x, y, _ = _problem(8, 9, torch.float32)
+    x, y, _ = make_data(8, 9, torch.float32, DEV)
     leaf = x.clone().requires_grad_(True)
     h = leaf * 1
     other = (h * h).sum()  # mul saves h for its backward
@@ -260,8 +182,7 @@ def test_inplace_backward_bumps_version(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend):
-    x, y, g = _problem(64, 300, torch.float32)
-    kw = _to_dev(MODES["everything"](300, 64, g))
+    x, y, kw = make_case("everything", 64, 300, torch.float32, DEV)
     a = _loss_grad(x, y, backend, kw, False)
     b = _loss_grad(x, y, backend, kw, False)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -293,7 +214,7 @@ def test_empty_and_all_ignored(backend, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_row_stays_in_its_row(backend):
-    x, y, _ = _problem(5, 7, torch.float32, ignore=False)
+    x, y, _ = make_data(5, 7, torch.float32, DEV, ignore=False)
     x[2, 3] = float("nan")
     loss = fused_ls.label_smoothing_cross_entropy(x, y, reduction="none", backend=backend)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4]]).all()
@@ -302,7 +223,7 @@ def test_nan_row_stays_in_its_row(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_minus_inf_logits(backend):
     """Zero-mass columns stay finite at −inf; with uniform mass −inf gives +inf, as PyTorch."""
-    x, y, _ = _problem(4, 6, torch.float32, ignore=False)
+    x, y, _ = make_data(4, 6, torch.float32, DEV, ignore=False)
     y = torch.tensor([0, 1, 2, 3], device=DEV)
     x[:, 5] = float("-inf")  # a masked vocabulary entry
     lsce = fused_ls.label_smoothing_cross_entropy
@@ -322,7 +243,7 @@ def test_minus_inf_logits(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_function(backend):
-    x, y, g = _problem(9, 12, torch.float32)
+    x, y, g = make_data(9, 12, torch.float32, DEV)
     w = torch.rand(12, generator=g).to(DEV)
     crit = fused_ls.FusedLabelSmoothingCE(0.2, weight=w, backend=backend)
     torch.testing.assert_close(crit(x, y), F.cross_entropy(x, y, weight=w, label_smoothing=0.2))
@@ -335,7 +256,7 @@ def test_module_matches_function(backend):
 
 
 def test_auto_backend_and_env_override(monkeypatch):
-    x, y, _ = _problem(4, 5, torch.float32)
+    x, y, _ = make_data(4, 5, torch.float32, DEV)
     req = Request(DEV.type, torch.float32, False, False)
     monkeypatch.setenv("FUSED_LS_BACKEND", "torch")
     assert fused_ls.backends.resolve("auto", req) == "torch"

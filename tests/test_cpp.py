@@ -1,9 +1,9 @@
 """The compiled C++ CPU backend (``backend="cpp"``, csrc/cpu) against the float64 dense
 reference.
 
-Every mode of the op contract, every dtype, sizes chosen to hit the kernel's edges, every compiled
-instruction-set path, and thread-count independence. ``MODES`` and ``make_case`` are reused by
-tests/test_cuda.py on CUDA tensors.
+Every mode of the op contract (tests/helpers.py ``MODES``), every dtype, sizes chosen to hit the
+kernel's edges (``KERNEL_SHAPES``), every compiled instruction-set path, and thread-count
+independence. tests/test_cuda.py runs the same cases on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -12,106 +12,24 @@ import shutil
 
 import pytest
 import torch
-from helpers import TOL, check_backend, loss_and_grad, problem
+from helpers import (
+    DTYPES,
+    TOL,
+    check_backend,
+    dense_similarity,
+    loss_and_grad,
+    make_case,
+    mode_cases,
+    problem,
+)
 
 import fused_ls
-from fused_ls import ConfidenceAdaptive, SparseSimilarity, reference
+from fused_ls import reference
 from fused_ls._problem import S_ARG, S_D, S_M
 from fused_ls.backends import reasons_for
 
 CPP_WHY = reasons_for("cpp", None)
 needs_cpp = pytest.mark.skipif(bool(CPP_WHY), reason="; ".join(CPP_WHY) or "cpp available")
-
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-# (N, C) and why: C = 7 / 3 are below every vector width (tails only); 97 is prime; 2053 is a
-# prime just past the kernel's 2048-column chunk; 4099 spans three chunks; N = 1 is a single row.
-SHAPES = [(1, 7), (5, 3), (13, 97), (6, 2053), (3, 4099)]
-SMALL_SHAPES = SHAPES[:4]  # modes that build a [C, C] similarity
-
-
-def _sim(C, g, device):
-    return torch.rand(C, C, generator=g).to(device) + 0.01
-
-
-# Each mode: kwargs for (N, C, generator, device). Together they cover every branch of the
-# kernel contract: R of [1, C] and [C, C], ridx_b (mixup with a dense similarity), sparse
-# fix-up columns, per-row ε, γ (confidence penalty), softcap, z-loss.
-MODES = {
-    "uniform": lambda N, C, g, d: dict(smoothing=0.1),
-    "no_smoothing": lambda N, C, g, d: dict(smoothing=0.0),
-    "weight_ignore": lambda N, C, g, d: dict(
-        smoothing=0.2, weight=torch.rand(C, generator=g).to(d) + 0.1, ignore_index=-100
-    ),
-    "dense_sim": lambda N, C, g, d: dict(
-        smoothing=0.3, similarity=_sim(C, g, d), similarity_mix=0.7
-    ),
-    "dense_sim_weight": lambda N, C, g, d: dict(
-        smoothing=0.3,
-        similarity=_sim(C, g, d),
-        similarity_mix=1.0,
-        weight=torch.rand(C, generator=g).to(d) + 0.1,
-    ),
-    "sparse_sim": lambda N, C, g, d: dict(
-        smoothing=0.25,
-        similarity=SparseSimilarity.from_dense(_sim(C, g, "cpu"), min(4, C)).to(d),
-        similarity_mix=0.5,
-        weight=torch.rand(C, generator=g).to(d) + 0.1,
-    ),
-    "per_sample_eps": lambda N, C, g, d: dict(smoothing=torch.rand(N, generator=g).to(d)),
-    "adaptive_max": lambda N, C, g, d: dict(
-        smoothing=0.1, adaptive=ConfidenceAdaptive(0.5, 3.0, "max")
-    ),
-    "adaptive_target": lambda N, C, g, d: dict(
-        smoothing=0.1, adaptive=ConfidenceAdaptive(0.3, 2.0, "target")
-    ),
-    "z_loss": lambda N, C, g, d: dict(smoothing=0.1, z_loss=1e-2),
-    "softcap": lambda N, C, g, d: dict(smoothing=0.1, softcap=4.0),
-    "penalty": lambda N, C, g, d: dict(smoothing=0.1, confidence_penalty=0.2),
-    "mixup": lambda N, C, g, d: dict(
-        smoothing=0.1, mix_target=torch.randint(0, C, (N,), generator=g).to(d), mix_lambda=0.3
-    ),
-    "mixup_tensor_lambda": lambda N, C, g, d: dict(
-        smoothing=0.1,
-        mix_target=torch.randint(0, C, (N,), generator=g).to(d),
-        mix_lambda=torch.rand(N, generator=g).to(d),
-    ),
-    "mixup_dense": lambda N, C, g, d: dict(
-        smoothing=0.2,
-        similarity=_sim(C, g, d),
-        similarity_mix=0.6,
-        mix_target=torch.randint(0, C, (N,), generator=g).to(d),
-        mix_lambda=0.4,
-    ),
-    "mixup_sparse_all": lambda N, C, g, d: dict(
-        smoothing=0.2,
-        similarity=SparseSimilarity.from_dense(_sim(C, g, "cpu"), min(3, C)).to(d),
-        similarity_mix=0.5,
-        mix_target=torch.randint(0, C, (N,), generator=g).to(d),
-        mix_lambda=0.6,
-        z_loss=1e-3,
-        softcap=5.0,
-        confidence_penalty=0.1,
-        weight=torch.rand(C, generator=g).to(d) + 0.1,
-    ),
-}
-DENSE_MODES = {"dense_sim", "dense_sim_weight", "sparse_sim", "mixup_dense", "mixup_sparse_all"}
-
-
-def make_case(mode, N, C, dtype, device="cpu", seed=0, scale=3.0):
-    """Logits, target (with one ignored row when N > 2) and kwargs for `mode`."""
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(N, C, generator=g) * scale).to(dtype).to(device)
-    target = torch.randint(0, C, (N,), generator=g)
-    if N > 2:
-        target[1] = -100
-    return logits, target.to(device), MODES[mode](N, C, g, device)
-
-
-def _cases():
-    for mode in MODES:
-        for N, C in SMALL_SHAPES if mode in DENSE_MODES else SHAPES:
-            yield pytest.param(mode, N, C, id=f"{mode}-{N}x{C}")
 
 
 def test_extension_built_when_compiler_present():
@@ -124,7 +42,7 @@ def test_extension_built_when_compiler_present():
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("mode", "N", "C"), list(_cases()))
+@pytest.mark.parametrize(("mode", "N", "C"), mode_cases())
 def test_modes(mode, N, C, dtype):
     logits, target, kw = make_case(mode, N, C, dtype)
     check_backend("cpp", logits, target, reduction="none", **kw)
@@ -155,7 +73,7 @@ def test_masked_vocab_neg_inf(dtype):
     target = torch.tensor([0, 3, 2090, 4])
     for kw in (
         dict(weight=w),
-        dict(weight=w, similarity=_sim(C, g, "cpu"), similarity_mix=0.5),
+        dict(weight=w, similarity=dense_similarity(C, g, "cpu"), similarity_mix=0.5),
         dict(weight=w, confidence_penalty=0.1, z_loss=1e-3),
     ):
         loss, grad = loss_and_grad(

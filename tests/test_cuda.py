@@ -1,7 +1,8 @@
 """The compiled CUDA backend (``backend="cuda"``, csrc/cuda) against the float64 dense
 reference.
 
-The same modes, dtypes and sizes as tests/test_cpp.py on CUDA tensors, plus the CUDA-specific
+The same modes, dtypes and sizes as tests/test_cpp.py (tests/helpers.py ``MODES``,
+``KERNEL_SHAPES``) on CUDA tensors, plus the CUDA-specific
 layouts: rows split over several thread blocks (few rows, large vocabularies: 128256 and 262144
 are real LM vocabularies), unaligned rows (scalar path), and no host sync (CUDA-graph capture).
 Marked ``cuda``: skipped where no GPU exists (compile-checked there by ``make cuda-check``).
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import check_backend, loss_and_grad
-from test_cpp import DENSE_MODES, DTYPES, MODES, SHAPES, SMALL_SHAPES, make_case
+from helpers import DTYPES, check_backend, kw_to, loss_and_grad, make_case, mode_cases
 
 import fused_ls
 from fused_ls.backends import reasons_for
@@ -27,14 +27,8 @@ def _needs_cuda_backend():
         pytest.fail("the cuda backend is unavailable on a CUDA machine: " + "; ".join(why))
 
 
-def _cases():
-    for mode in MODES:
-        for N, C in SMALL_SHAPES if mode in DENSE_MODES else SHAPES:
-            yield pytest.param(mode, N, C, id=f"{mode}-{N}x{C}")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("mode", "N", "C"), list(_cases()))
+@pytest.mark.parametrize(("mode", "N", "C"), mode_cases())
 def test_modes(mode, N, C, dtype):
     logits, target, kw = make_case(mode, N, C, dtype, device="cuda")
     check_backend("cuda", logits, target, reduction="none", **kw)
@@ -53,7 +47,7 @@ def test_reductions_weight_ignore(reduction, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_vocab_split_rows(N, C, dtype):
     logits, target, kw = make_case(
-        "mixup_sparse_all" if C <= 32000 else "penalty", N, C, dtype, device="cuda", seed=2
+        "mixup_sparse_all" if C <= 32000 else "confidence_penalty", N, C, dtype, "cuda", seed=2
     )
     check_backend("cuda", logits, target, reduction="none", **kw)
 
@@ -90,8 +84,7 @@ def test_matches_cpp(dtype):
         reduction="none",
         **kw,
     )
-    kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    kw_cuda["similarity"] = kw["similarity"].to("cuda")
+    kw_cuda = kw_to(kw, "cuda")
     lg, gg = loss_and_grad(
         fused_ls.label_smoothing_cross_entropy,
         logits.cuda(),

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SIMILARITY_MAX_C, SIMILARITY_MODES, kw_to, make_case
 
 import fused_ls
-from fused_ls import ConfidenceAdaptive, SparseSimilarity, reference
+from fused_ls import reference
 from fused_ls.backends import Request, reasons_for
 
 pytestmark = pytest.mark.cuda
@@ -39,36 +40,19 @@ def path(request, monkeypatch):
     return backend
 
 
-def _case(N, C, dtype, mode, seed=0, device="cuda"):
-    """(x, y, kw) on the CPU, and the same on ``device``."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(N, C, generator=g) * 3).to(dtype)
-    y = torch.randint(0, C, (N,), generator=g)
-    y[N // 2] = -100
-    kw = {}
-    if mode == "everything":
-        kw = {
-            "weight": torch.rand(C, generator=g) + 0.2,
-            "similarity": SparseSimilarity.from_dense(torch.rand(64, 64, generator=g), 3)
-            if C == 64
-            else None,
-            "adaptive": ConfidenceAdaptive(0.5, 2.0),
-            "z_loss": 1e-3,
-            "softcap": 20.0,
-            "confidence_penalty": 0.1,
-            "mix_target": torch.randint(0, C, (N,), generator=g),
-            "mix_lambda": 0.7,
-        }
-        kw = {k: v for k, v in kw.items() if v is not None}
-    on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
-    if isinstance(on.get("similarity"), SparseSimilarity):
-        on["similarity"] = on["similarity"].to(device)
-    return x, y, kw, x.to(device), y.to(device), on
-
-
 # (N, C): one CTA's worth of a row, rows of several CTAs (V = 128256: 4 of 64 KB in bf16) and of
 # more than 8 (262144 fp32: 16 of 64 KB), a small problem
 SHAPES = [(33, 64), (257, 32000), (64, 128256), (3, 262144)]
+# tests/helpers.py MODES: plain, class weights with a class id as ignore_index, per-row mixup, the
+# soft cap with the confidence penalty's Σpz, and everything at once (small C: a [C, C] similarity)
+MODE_NAMES = [
+    "uniform",
+    "weight_ignore",
+    "mixup_rows",
+    "softcap",
+    "confidence_penalty",
+    "everything",
+]
 
 
 _REFERENCE: dict = {}
@@ -79,9 +63,9 @@ def _reference(N, C, dtype, mode, reduction):
     is compared with the same one)."""
     key = (N, C, dtype, mode, reduction)
     if key not in _REFERENCE:
-        x, y, kw, *_ = _case(N, C, dtype, mode, device="cpu")
+        x, y, kw = make_case(mode, N, C, dtype)
         xd = x.double().requires_grad_(True)
-        ref = reference.cross_entropy(xd, y, 0.1, reduction=reduction, **kw)
+        ref = reference.cross_entropy(xd, y, reduction=reduction, **kw)
         g = torch.Generator().manual_seed(1)
         go = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
         (rg,) = torch.autograd.grad(ref, xd, go)
@@ -92,13 +76,15 @@ def _reference(N, C, dtype, mode, reduction):
 @pytest.mark.parametrize(("N", "C"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("mode", ["uniform", "everything"])
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_one_pass_equals_reference(path, N, C, dtype, reduction, mode):
-    _, _, _, xc, yc, kwc = _case(N, C, dtype, mode)
+    if mode in SIMILARITY_MODES and C > SIMILARITY_MAX_C:
+        pytest.skip("a [C, C] similarity at this C")
+    x, y, kw = make_case(mode, N, C, dtype)
     ref, rg, go, xmax = _reference(N, C, dtype, mode, reduction)
-    xr = xc.clone().requires_grad_(True)
+    xr = x.cuda().requires_grad_(True)
     loss = fused_ls.label_smoothing_cross_entropy(
-        xr, yc, 0.1, reduction=reduction, backend=path, **kwc
+        xr, y.cuda(), reduction=reduction, backend=path, **kw_to(kw, "cuda")
     )
     go_c = go.to(device="cuda", dtype=loss.dtype)
     (g1,) = torch.autograd.grad(loss, xr, go_c, retain_graph=True)
@@ -114,7 +100,8 @@ def test_one_pass_equals_reference(path, N, C, dtype, reduction, mode):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_no_host_sync(path, inplace):
     """Forward and backward (unit and scaled upstream) under sync_debug_mode("error")."""
-    _, _, _, xc, yc, _ = _case(1024, 32000, torch.bfloat16, "uniform")
+    x, y, _ = make_case("uniform", 1024, 32000, torch.bfloat16)
+    xc, yc = x.cuda(), y.cuda()
     for scale in (1.0, 2.0):
         h = xc.clone().requires_grad_(True)
         torch.cuda.set_sync_debug_mode("error")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOW
-from test_contract import BACKENDS, MODES
+from helpers import LOW, MODES, backends, ignore_row, kw_to, make_head
 
 import fused_ls
 from fused_ls import reference
@@ -20,17 +19,7 @@ from fused_ls.linear import chunk_rows
 
 llsce = fused_ls.linear_label_smoothing_cross_entropy
 N, H, V = 37, 6, 29
-
-
-def _case(dtype=torch.float64, seed=0, bias=True, lead=(N,)):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, H, generator=g, dtype=torch.float64) * 0.7
-    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7
-    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
-    y = torch.randint(0, V, lead, generator=g)
-    y.view(-1)[1] = -100
-    cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
-    return cast(x), cast(w), cast(b), y, g
+BACKENDS = backends("cpu")
 
 
 def _grads(loss, params, go):
@@ -67,12 +56,9 @@ def _close(a, b, dtype=torch.float64):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_every_mode_matches_the_composition_fp64(backend, mode, reduction):
-    x, w, b, y, g = _case()
-    kw = MODES[mode](V, N, g)
-    kw = {
-        k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
-        for k, v in kw.items()
-    }
+    x, w, b, y, g = make_head(N, H, V)
+    kw = kw_to(MODES[mode](N, V, g, "cpu"), dtype=torch.float64)
+    ignore_row(y, kw)
     go = torch.rand(N, generator=g, dtype=torch.float64) + 0.5 if reduction == "none" else None
     (lf, gf), (lc, gc) = _both(
         x, w, b, y, go=go, chunk=5, backend=backend, reduction=reduction, **kw
@@ -88,7 +74,7 @@ def test_every_mode_matches_the_composition_fp64(backend, mode, reduction):
     "need", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
 )
 def test_chunks_and_requires_grad_subsets(chunk, reduction, need):
-    x, w, b, y, g = _case(seed=1)
+    x, w, b, y, g = make_head(N, H, V, seed=1)
     go = torch.rand(N, generator=g, dtype=torch.float64) if reduction == "none" else None
     (lf, gf), (lc, gc) = _both(x, w, b, y, need=need, go=go, chunk=chunk, reduction=reduction)
     _close(lf, lc)
@@ -99,7 +85,7 @@ def test_chunks_and_requires_grad_subsets(chunk, reduction, need):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_leading_dims_and_no_bias(reduction):
-    x, w, _, y, g = _case(seed=2, bias=False, lead=(3, 5))
+    x, w, _, y, g = make_head((3, 5), H, V, seed=2, bias=False)
     go = torch.rand(3, 5, generator=g, dtype=torch.float64) if reduction == "none" else None
     (lf, gf), (lc, gc) = _both(x, w, None, y, need=(True, True, False), go=go, chunk=4,
                                reduction=reduction, z_loss=1e-3)  # fmt: skip
@@ -112,7 +98,7 @@ def test_leading_dims_and_no_bias(reduction):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_uniform_equals_pytorch(backend, reduction):
-    x, w, b, y, g = _case(torch.float32, seed=3)
+    x, w, b, y, g = make_head(N, H, V, torch.float32, seed=3)
     cw = torch.rand(V, generator=g) + 0.2
     xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
     loss = llsce(xs, ws, y, 0.1, linear_bias=bs, weight=cw, reduction=reduction, backend=backend)
@@ -190,7 +176,7 @@ def test_tied_weights_accumulate():
 
 
 def test_no_grad_computes_the_loss_only(monkeypatch):
-    x, w, b, y, _ = _case(torch.float32, seed=6)
+    x, w, b, y, _ = make_head(N, H, V, torch.float32, seed=6)
     be = fused_ls.backends.get("cpp" if "cpp" in BACKENDS else "torch")
 
     def refuse(*a, **k):
@@ -212,7 +198,7 @@ def test_retain_graph_second_backward():
     """Every reduction: a second backward through a retained graph is exact. "none" recomputes in
     every backward; "mean"/"sum" hand the forward's gradients to the first backward, and a later
     one recomputes them as the forward did: the same upstream gives the same bits."""
-    x, w, b, y, g = _case(seed=7)
+    x, w, b, y, g = make_head(N, H, V, seed=7)
     xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
     for reduction in ("none", "mean", "sum"):
         loss = llsce(xs, ws, y, 0.1, linear_bias=bs, reduction=reduction, chunk_size=6)
@@ -230,7 +216,7 @@ def test_low_precision_within_pytorchs_own_error(dtype):
     """bf16/fp16: the error of the loss and of the input and weight gradients against the float64
     composition is at most 2× + atol the error that PyTorch makes computing the composition in
     that dtype (the helpers' rule). Several chunks, so that the weight gradient is accumulated."""
-    x, w, b, y, _ = _case(dtype, seed=8)
+    x, w, b, y, _ = make_head(N, H, V, dtype, seed=8)
 
     def run(fn, dt):  # fresh leaves (to() returns the tensor itself when the dtype matches)
         xs = x.detach().to(dt).clone().requires_grad_(True)
@@ -291,7 +277,7 @@ def test_no_n_by_v_tensor_is_allocated():
 
 
 def test_module_form():
-    x, w, b, y, _ = _case(torch.float32, seed=10)
+    x, w, b, y, _ = make_head(N, H, V, torch.float32, seed=10)
     crit = fused_ls.FusedLinearLabelSmoothingCE(0.2, reduction="sum", z_loss=1e-3, chunk_size=7)
     a = crit(x, w, y, b)
     c = llsce(x, w, y, 0.2, linear_bias=b, reduction="sum", z_loss=1e-3)
@@ -314,7 +300,7 @@ def test_torch_compile_fullgraph(reduction, dynamic):
 
     compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
     for n in (20, 13):
-        x, w, _, y, _ = _case(torch.float32, seed=n, lead=(n,))
+        x, w, _, y, _ = make_head(n, H, V, torch.float32, seed=n)
         xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         xc, wc = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         le, lc = step(xe, we, y), compiled(xc, wc, y)
@@ -343,7 +329,7 @@ def test_torch_compile_fullgraph(reduction, dynamic):
     ],
 )
 def test_bad_input_names_the_argument(call, exc, match):
-    x, w, b, y, _ = _case()
+    x, w, b, y, _ = make_head(N, H, V)
     with pytest.raises(exc, match=match):
         call(x, w, b, y)
 

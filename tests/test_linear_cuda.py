@@ -12,37 +12,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOW
-from test_contract import MODES
+from helpers import LOW, MODES, backends, ignore_row, make_head
 
 import fused_ls
 from fused_ls import reference
-from fused_ls.backends import Request, reasons_for
 from fused_ls.linear import _fp32_addmm_ok, chunk_rows
 
 pytestmark = pytest.mark.cuda
 
 llsce = fused_ls.linear_label_smoothing_cross_entropy
 DEV = torch.device("cuda")
-
-
-def _gpu_backends() -> list[str]:
-    req = Request("cuda", torch.float32, False, False)
-    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
-
-
-BACKENDS = _gpu_backends() if torch.cuda.is_available() else ["cuda"]
+BACKENDS = backends(DEV)
 
 
 def _case(n, h, v, dtype, seed=0, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, h, generator=g, dtype=torch.float64) / h**0.25
-    w = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.25
-    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
-    y = torch.randint(0, v, (n,), generator=g)
-    y[1] = -100
-    cast = lambda t: None if t is None else t.to(DEV, dtype)  # noqa: E731
-    return cast(x), cast(w), cast(b), y.to(DEV), g
+    """Inputs of unit-variance logits: x and W scaled by h^(-1/4)."""
+    return make_head(n, h, v, dtype, DEV, seed=seed, scale=h**-0.25, bias=bias)
 
 
 def _run(fn, x, w, b, go=None):
@@ -54,13 +39,6 @@ def _run(fn, x, w, b, go=None):
     return [loss.detach()] + grads
 
 
-def _to(kw):
-    return {
-        k: (v.to(DEV) if torch.is_tensor(v) or isinstance(v, fused_ls.SparseSimilarity) else v)
-        for k, v in kw.items()
-    }
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -69,7 +47,8 @@ def test_every_mode_fp32_matches_the_composition(backend, mode, reduction):
     the same backend on the full logits."""
     n, h, v = 37, 6, 29
     x, w, b, y, g = _case(n, h, v, torch.float32)
-    kw = _to(MODES[mode](v, n, g))
+    kw = MODES[mode](n, v, g, DEV)
+    ignore_row(y, kw)
     go = (torch.rand(n, generator=g) + 0.5).to(DEV) if reduction == "none" else None
     fused = _run(
         lambda a, c, d: llsce(

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import available_cpu_backends
+from helpers import backends, make_data
 
 import fused_ls
 
-BACKENDS = available_cpu_backends()
+BACKENDS = backends("cpu", interpreted_triton=True)
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
 
@@ -57,9 +57,8 @@ def assert_close(ours, ref, dtype):
 
 
 def data(N=13, C=7, dtype=torch.float32, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(N, C, generator=g, dtype=torch.float64) * scale).to(dtype)
-    ya = torch.randint(0, C, (N,), generator=g)
+    """Logits, two targets (no ignored row) and a per-row λ in the logits' dtype."""
+    x, ya, g = make_data(N, C, dtype, seed=seed, scale=scale, ignore=False)
     yb = torch.randint(0, C, (N,), generator=g)
     lam = torch.rand(N, generator=g, dtype=torch.float64).to(dtype)
     return x, ya, yb, lam

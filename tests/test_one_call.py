@@ -14,57 +14,14 @@ import itertools
 
 import pytest
 import torch
-from helpers import problem
+from helpers import backends, make_case, problem
 
 import fused_ls
-from fused_ls import ConfidenceAdaptive, SparseSimilarity
 from fused_ls._problem import S_ARG, S_D, S_M, S_S
-from fused_ls.backends import Request, reasons_for
 
-
-def _backends():
-    req = Request("cpu", torch.float32)
-    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
-
-
-BACKENDS = _backends()
-
-
-def _modes(C, N, g):
-    return {
-        "uniform": {},
-        "weight_ignore": {"weight": torch.rand(C, generator=g) + 0.2, "ignore_index": 2},
-        "dense_sim_mixup": {
-            "similarity": torch.rand(C, C, generator=g),
-            "similarity_mix": 0.6,
-            "mix_target": torch.randint(0, C, (N,), generator=g),
-            "mix_lambda": torch.rand(N, generator=g),
-        },
-        "sparse_everything": {
-            "weight": torch.rand(C, generator=g) + 0.2,
-            "similarity": SparseSimilarity.from_dense(torch.rand(C, C, generator=g), 3),
-            "similarity_mix": 0.5,
-            "smoothing": torch.rand(N, generator=g) * 0.5,
-            "adaptive": ConfidenceAdaptive(0.5, 2.0, "target"),
-            "z_loss": 1e-2,
-            "softcap": 4.0,
-            "confidence_penalty": 0.2,
-            "mix_target": torch.randint(0, C, (N,), generator=g),
-            "mix_lambda": 0.3,
-        },
-    }
-
-
-MODE_NAMES = ["uniform", "weight_ignore", "dense_sim_mixup", "sparse_everything"]
-
-
-def _case(mode, reduction, N=9, C=37, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, C, generator=g) * 3
-    y = torch.randint(0, C, (N,), generator=g)
-    y[1] = 2  # ignored in "weight_ignore"
-    kw = _modes(C, N, g)[mode]
-    return x, y, kw, reduction
+BACKENDS = backends("cpu", interpreted_triton=True)
+# the modes that exercise every per-row branch (tests/helpers.py MODES)
+MODE_NAMES = ["uniform", "weight_ignore", "mixup_rows_dense", "everything"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,7 +29,7 @@ def _case(mode, reduction, N=9, C=37, seed=0):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_forward_backward_is_forward_then_backward(backend, mode, reduction, inplace):
-    x, y, kw, _ = _case(mode, reduction)
+    x, y, kw = make_case(mode, 9, 37)
     p = problem(x, y, reduction=reduction, return_stats=True, **kw)
     b = fused_ls.backends.get(backend)
     g = torch.Generator().manual_seed(3)
@@ -96,7 +53,7 @@ def test_rescale_makes_the_unit_gradient_that_of_grad_loss(backend, mode, reduct
     """forward_backward with a unit upstream gradient, then rescale(grad_loss) = backward with
     grad_loss; rows whose upstream is 1 are left bit for bit as they were; with x = out (the
     logits overwritten) the gradient is scaled instead of recomputed."""
-    x, y, kw, _ = _case(mode, reduction)
+    x, y, kw = make_case(mode, 9, 37)
     p = problem(x, y, reduction=reduction, **kw)
     b = fused_ls.backends.get(backend)
     g = torch.Generator().manual_seed(5)
@@ -142,7 +99,7 @@ def merge_stats(parts: list[torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODE_NAMES)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_row_stats_over_column_slices_finalise_to_forward(backend, mode, reduction):
-    x, y, kw, _ = _case(mode, reduction, seed=4)
+    x, y, kw = make_case(mode, 9, 37, seed=4)
     C = x.shape[1]
     p = problem(x, y, reduction=reduction, return_stats=True, **kw)
     b = fused_ls.backends.get(backend)

@@ -26,11 +26,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_contract import MODES
+from helpers import MODES, backends, device_under_test, ignore_row, kw_to, make_data
 
 import fused_ls
 from fused_ls import VocabShard
-from fused_ls.backends import Request, reasons_for
+from fused_ls.backends import Request, reasons_for, registry
 
 V = 1003  # not divisible by 2 or 3
 H = 16
@@ -41,7 +41,15 @@ TOL = {
 }
 DTYPES = (torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = [b for b in ("torch", "cpp") if not reasons_for(b, Request("cpu", torch.float32))]
+BACKENDS = backends("cpu", among=("torch", "cpp"))  # Triton: check_triton, on its own device
+# Triton serves CUDA tensors where a GPU is present, else CPU tensors through the interpreter
+# (conftest.py sets TRITON_INTERPRET=1 there; the spawned ranks inherit it).
+TRITON_DEVICE = device_under_test(gpu_if_present=True)
+TRITON = backends(TRITON_DEVICE, interpreted_triton=True, among=("triton",))
+TRITON_WHY = (
+    "; ".join(reasons_for("triton", Request(TRITON_DEVICE.type, torch.float32)))
+    or "FUSED_LS_TEST_BACKENDS leaves it out"
+)
 COLLECTIVE_TIMEOUT_S = 60
 lsce = fused_ls.label_smoothing_cross_entropy
 
@@ -143,14 +151,22 @@ def _slice(rank: int, world: int) -> tuple[int, int]:
 
 def _problem(world: int, dtype: torch.dtype, seed: int = 0, scale: float = 3.0):
     """Logits [N, V], targets on every slice's first and last class and inside every slice, one
-    ignored row; the generator for the mode's tensors. The same on every rank."""
-    g = torch.Generator().manual_seed(seed)
-    ys = []
-    for lo, hi in itertools.pairwise(BOUNDS[world]):
-        ys += [lo, hi - 1, int(torch.randint(lo, hi, (1,), generator=g))]
-    y = torch.tensor([*ys, -100, 0])
-    x = (torch.randn(len(y), V, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return x, y, g
+    ignored row (the second last) and a last row of class 0; the generator for the mode's
+    tensors. The same on every rank."""
+    x, y, g = make_data(3 * world + 2, V, dtype, seed=seed, scale=scale, ignore=False)
+    for i, (lo, hi) in enumerate(itertools.pairwise(BOUNDS[world])):
+        y[3 * i : 3 * i + 3] = torch.tensor(
+            [lo, hi - 1, int(torch.randint(lo, hi, (1,), generator=g))]
+        )
+    y[-1] = 0
+    return x, ignore_row(y, row=-2), g
+
+
+def _case(world: int, mode: str, dtype: torch.dtype, seed: int = 0):
+    """``_problem`` and the keywords of ``MODES[mode]`` (the ignored row with its ignore_index)."""
+    x, y, g = _problem(world, dtype, seed)
+    kw = MODES[mode](len(y), V, g, "cpu")
+    return x, ignore_row(y, kw, row=-2), kw, g
 
 
 def _upstream(n: int) -> torch.Tensor:
@@ -162,7 +178,8 @@ def _loss_grads(fn, tensors, reduction, *args, **kw):
     per-row upstream gradient for "none"."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     loss, stats = fn(*leaves, *args, reduction=reduction, return_stats=True, **kw)
-    total = (loss * _upstream(loss.numel()).to(loss.dtype)).sum() if loss.dim() else loss
+    up = _upstream(loss.numel()).to(loss.device, loss.dtype)
+    total = (loss * up).sum() if loss.dim() else loss
     grads = torch.autograd.grad(total, leaves)
     return loss.detach(), stats, grads
 
@@ -189,12 +206,6 @@ def _same_stats(st, ref, dtype, what):
     assert torch.equal(st.prediction, ref.prediction), f"{what}: prediction differs"
 
 
-def _kw(mode: str, g, n: int) -> dict:
-    kw = MODES[mode](V, n, g)
-    kw.setdefault("smoothing", 0.1)
-    return kw
-
-
 # ---- the checks (run on every rank) -----------------------------------------------------------
 def check_modes(rank, world):
     """Every mode × backend × dtype × reduction: the loss, the stats and the rank's slice of
@@ -202,8 +213,7 @@ def check_modes(rank, world):
     lo, hi = _slice(rank, world)
     group = dist.group.WORLD
     for backend, dtype, mode in itertools.product(BACKENDS, DTYPES, MODES):
-        x, y, g = _problem(world, dtype, seed=len(mode))
-        kw = _kw(mode, g, len(y))
+        x, y, kw, _ = _case(world, mode, dtype, seed=len(mode))
         for red in REDUCTIONS:
             what = f"{mode}/{backend}/{dtype}/{red}"
             ref_l, ref_st, (ref_g,) = _loss_grads(lsce, [x], red, y, backend=backend, **kw)
@@ -248,8 +258,7 @@ def check_group_of_one(rank, world):
     """A group of one rank (plain or as VocabShard) gives exactly the unsharded result."""
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     mine = singles[rank]
-    x, y, g = _problem(world, torch.float32, seed=11)
-    kw = _kw("everything", g, len(y))
+    x, y, kw, g = _case(world, "everything", torch.float32, seed=11)
     w = torch.randn(V, H, generator=g, dtype=torch.float64).float()
     h = torch.randn(len(y), H, generator=g)
     for backend, pg in itertools.product(BACKENDS, (mine, VocabShard(mine, 0, V))):
@@ -274,11 +283,10 @@ def check_linear(rank, world):
     gradients; several chunks; loss only under no_grad."""
     lo, hi = _slice(rank, world)
     group = dist.group.WORLD
-    modes = ("uniform", "weight", "sparse_sim", "per_sample_eps", "mixup_rows_sim", "everything")
+    modes = ("uniform", "weight", "sparse_sim", "per_sample_eps", "mixup_rows_dense", "everything")
     for backend, dtype, mode in itertools.product(BACKENDS, DTYPES, modes):
-        _, y, g = _problem(world, dtype, seed=len(mode) + 1)
+        _, y, kw, g = _case(world, mode, dtype, seed=len(mode) + 1)
         n = len(y)
-        kw = _kw(mode, g, n)
         h = torch.randn(n, H, generator=g, dtype=torch.float64).to(dtype)
         w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
         bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
@@ -304,14 +312,13 @@ def check_linear(rank, world):
             _close(nog, ref_l, dtype, f"{what} no_grad loss")
 
 
-def check_triton_interpreted(rank, world):
-    """The Triton backend (through the interpreter on CPU: slow, so two modes)."""
-    if reasons_for("triton", Request("cpu", torch.float32)):
-        return
+def check_triton(rank, world):
+    """The Triton backend on the device it serves (CPU tensors through the interpreter: slow,
+    so two modes). Scheduled only where it can serve (test_triton_equals_single_process)."""
     lo, hi = _slice(rank, world)
     for mode, red in itertools.product(("uniform", "everything"), ("mean", "none")):
-        x, y, g = _problem(world, torch.float32, seed=13)
-        kw = _kw(mode, g, len(y))
+        x, y, kw, _ = _case(world, mode, torch.float32, seed=13)
+        x, y, kw = x.to(TRITON_DEVICE), y.to(TRITON_DEVICE), kw_to(kw, TRITON_DEVICE)
         ref_l, ref_st, (ref_g,) = _loss_grads(lsce, [x], red, y, backend="triton", **kw)
         loss, st, (grad,) = _loss_grads(
             lsce, [x[:, lo:hi]], red, y, backend="triton", process_group=dist.group.WORLD, **kw
@@ -364,7 +371,7 @@ def check_collectives(rank, world):
     lo, hi = _slice(rank, world)
     x, y, g = _problem(world, torch.float32, seed=2)
     n = len(y)
-    everything = _kw("everything", g, n)
+    everything = MODES["everything"](n, V, g, "cpu")
     everything["confidence_penalty"] = 0.1
     for name in real:
         setattr(dist, name, spy(name))
@@ -408,8 +415,7 @@ def check_dtensor(rank, world):
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (world,))
-    x, y, g = _problem(world, torch.float32, seed=7)
-    kw = _kw("everything", g, len(y))
+    x, y, kw, g = _case(world, "everything", torch.float32, seed=7)
     ref_l, ref_st, (ref_g,) = _loss_grads(lsce, [x], "mean", y, **kw)
     for placement in (Shard(1), Shard(-1), Replicate()):
         dt = distribute_tensor(x, mesh, [placement]).requires_grad_(True)
@@ -423,7 +429,7 @@ def check_dtensor(rank, world):
     with pytest.raises(ValueError, match="sharded on the class dim"):
         lsce(distribute_tensor(x, mesh, [Shard(0)]), y)
     # [B, S, V] logits sharded on the last dim, flattened to [B·S, V] rows (the LM layout)
-    kw8 = {**kw, "mix_target": kw["mix_target"][:8]}
+    kw8 = {k: v[:8] if torch.is_tensor(v) and v.shape == y.shape else v for k, v in kw.items()}
     x3 = distribute_tensor(x[:8].reshape(2, 4, V), mesh, [Shard(2)]).requires_grad_(True)
     loss = lsce(x3.flatten(0, 1), y[:8], **kw8)
     loss.backward()
@@ -487,7 +493,7 @@ CHECKS = {
         check_group_of_one,
         check_linear,
         check_modules,
-        check_triton_interpreted,
+        check_triton,
         check_collectives,
         check_dtensor,
         check_errors,
@@ -499,19 +505,45 @@ CHECKS = {
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
 )
+# The checks loop over BACKENDS: with none (FUSED_LS_TEST_BACKENDS naming neither), they would
+# pass having checked nothing, so their tests are skipped instead, saying why.
+needs_backends = pytest.mark.skipif(
+    not BACKENDS, reason="FUSED_LS_TEST_BACKENDS names neither torch nor cpp"
+)
 
 
+@needs_backends
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_mode_equals_single_process(world):
     _launch(world, "check_modes", "check_special_values")
 
 
+@needs_backends
 @pytest.mark.parametrize("world", [2, 3])
 def test_fused_linear_head(world):
-    triton = ("check_triton_interpreted",) if world == 2 else ()  # slow: one world size
-    _launch(world, "check_linear", "check_modules", *triton)
+    _launch(world, "check_linear", "check_modules")
 
 
+@pytest.mark.skipif(not TRITON, reason=f"triton is not tested here: {TRITON_WHY}")
+def test_triton_equals_single_process():
+    _launch(2, "check_triton")  # slow through the interpreter: one world size
+
+
+@needs_backends
 @pytest.mark.parametrize("world", [2, 3])
 def test_collectives_dtensor_errors(world):
     _launch(world, "check_collectives", "check_dtensor", "check_errors", "check_group_of_one")
+
+
+def test_the_triton_check_fails_where_triton_cannot_serve(monkeypatch):
+    """Where Triton cannot serve, its check raises (and its test is skipped at the pytest level,
+    saying why): it never returns having checked nothing. The check's first step (the
+    single-process reference) needs no process group."""
+    triton = type(fused_ls.backends.get("triton"))
+    monkeypatch.setattr(triton, "unavailable_reason", lambda self: "made unavailable by the test")
+    registry._resolve.cache_clear()  # a cached earlier resolution would still pick it
+    try:
+        with pytest.raises(ValueError, match="made unavailable by the test"):
+            CHECKS["check_triton"](0, 2)
+    finally:
+        registry._resolve.cache_clear()

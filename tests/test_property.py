@@ -1,12 +1,14 @@
 """Property-based test: random shapes, modes and values against the dense reference."""
 
 import torch
-from helpers import check_backend
+from helpers import backends, check_backend, device_under_test, kw_to
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_contract import BACKENDS, DEV
 
 from fused_ls import ConfidenceAdaptive, SparseSimilarity
+
+DEV = device_under_test()
+BACKENDS = backends(DEV)
 
 
 @st.composite
@@ -62,17 +64,6 @@ def problems(draw):
     return x.to(dtype), y, kw
 
 
-def _to(kw, dtype):
-    out = {}
-    for k, v in kw.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(DEV, dtype if v.is_floating_point() else v.dtype)
-        elif isinstance(v, SparseSimilarity):
-            v = v.to(DEV)
-        out[k] = v
-    return out
-
-
 @settings(
     max_examples=60,
     deadline=None,
@@ -81,4 +72,4 @@ def _to(kw, dtype):
 @given(problem=problems(), backend=st.sampled_from(BACKENDS))
 def test_random_problems_match_reference(problem, backend):
     x, y, kw = problem
-    check_backend(backend, x.to(DEV), y.to(DEV), **_to(kw, x.dtype))
+    check_backend(backend, x.to(DEV), y.to(DEV), **kw_to(kw, DEV, x.dtype))

@@ -5,15 +5,17 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import problem
-from test_contract import BACKENDS, DEV, MODES, _problem, _to_dev
+from helpers import backends, device_under_test, make_case, make_data, problem
 
 import fused_ls
 from fused_ls import reference
 
+DEV = device_under_test()
+BACKENDS = backends(DEV)
+
 
 def _case(backend, with_sim=False, reduction="mean"):
-    x, y, g = _problem(6, 9, torch.float32)
+    x, y, g = make_data(6, 9, torch.float32, DEV)
     x.requires_grad_(True)
     kw = dict(
         weight=torch.rand(9, generator=g).to(DEV),
@@ -75,8 +77,7 @@ def test_compile_fullgraph(backend, mode, dynamic):
 
     compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
     for n in (16, 9):  # a second shape: recompilation or dynamic shapes both work
-        x, y, g = _problem(n, 11, torch.float32)
-        kw = _to_dev(MODES[mode](11, n, g))
+        x, y, kw = make_case(mode, n, 11, torch.float32, DEV)
         xe = x.clone().requires_grad_(True)
         xc = x.clone().requires_grad_(True)
         le, lc = step(xe, y, kw), compiled(xc, y, kw)
@@ -89,7 +90,7 @@ def test_compile_fullgraph(backend, mode, dynamic):
 def test_compile_module_uniform_matches_pytorch():
     torch._dynamo.reset()
     crit = torch.compile(fused_ls.FusedLabelSmoothingCE(0.1), fullgraph=True)
-    x, y, _ = _problem(32, 50, torch.float32)
+    x, y, _ = make_data(32, 50, torch.float32, DEV)
     torch.testing.assert_close(crit(x, y), F.cross_entropy(x, y, label_smoothing=0.1))
 
 

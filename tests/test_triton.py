@@ -11,21 +11,29 @@ each shape's reason is given where it is declared.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from helpers import LOW, check_backend
+from helpers import (
+    LOW,
+    MODES,
+    check_backend,
+    class_weight,
+    dense_similarity,
+    device_under_test,
+    make_case,
+    make_data,
+    sparse_similarity,
+)
 
 import fused_ls
-from fused_ls import ConfidenceAdaptive, SparseSimilarity, reference
+from fused_ls import SparseSimilarity, reference
 from fused_ls import triton_kernels as tk
 from fused_ls.backends import Request, reasons_for
 from fused_ls.backends.triton_backend import launch_config
 
 # CUDA tensors when a GPU is present (the compiled kernels), else CPU tensors (the interpreter);
 # FUSED_LS_TEST_DEVICE, as set by benchmarks/gpu_check.py, overrides.
-DEVICE = os.environ.get("FUSED_LS_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = device_under_test(gpu_if_present=True)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The interpreter evaluates masked lanes too (0·−inf in padding), which numpy reports.
@@ -53,36 +61,21 @@ def split_rows(monkeypatch):
     monkeypatch.setattr(tk, "SPLIT_COLS", 32)
 
 
-def make(n, c, dtype=torch.float32, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, generator=g) * scale).to(dtype)
-    y = torch.randint(0, c, (n,), generator=g)
-    return x.to(DEVICE), y.to(DEVICE)
-
-
-def rand(*shape, seed=1):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def sparse_sim(c, k=3, seed=2):
-    return SparseSimilarity.from_dense(rand(c, c, seed=seed) + 0.05, k)
-
-
 # ---------------------------------------------------------------------------------------------
 # availability
 # ---------------------------------------------------------------------------------------------
 def test_triton_is_available_here():
     assert fused_ls.available_backends()["triton"] == []
-    req = Request(DEVICE, torch.float32, False, False)
+    req = Request(DEVICE.type, torch.float32, False, False)
     assert reasons_for("triton", req) == []
 
 
 def test_triton_states_what_it_cannot_serve():
-    why = reasons_for("triton", Request(DEVICE, torch.float64, False, False))
+    why = reasons_for("triton", Request(DEVICE.type, torch.float64, False, False))
     assert any("float64" in w for w in why)
     why = reasons_for("triton", Request("meta", torch.float32, False, False))
     assert any("meta" in w for w in why)
-    x, y = make(2, 5, torch.float64)
+    x, y, _ = make_data(2, 5, torch.float64, DEVICE)
     with pytest.raises(ValueError, match="triton"):
         fused_ls.label_smoothing_cross_entropy(x, y, backend="triton")
 
@@ -90,96 +83,71 @@ def test_triton_states_what_it_cannot_serve():
 # ---------------------------------------------------------------------------------------------
 # every mode, every dtype
 # ---------------------------------------------------------------------------------------------
-def _w(c):
-    return rand(c, seed=5) + 0.5
+# Every mode on a GPU. Through the interpreter (slow) the fifteen this table held before the one
+# mode table, which reach every kernel branch; the other six only combine branches these reach
+# (weight: test_reductions; dense_sim: dense_sim_weight; mixup_rows, mixup_dense:
+# mixup_rows_dense; mixup_sparse_all: mixup_sparse, everything_dense; everything: its parts here,
+# the combination in tests/test_one_call.py and tests/test_parallel.py on the interpreter).
+INTERPRETER_MODES = [
+    "uniform",
+    "no_smoothing",
+    "weight_ignore",
+    "dense_sim_weight",
+    "sparse_sim",
+    "per_sample_eps",
+    "adaptive_max",
+    "adaptive_target",
+    "z_loss",
+    "softcap",
+    "confidence_penalty",
+    "mixup",
+    "mixup_rows_dense",
+    "mixup_sparse",
+    "everything_dense",
+]
+FP32_MODES = list(MODES) if DEVICE.type == "cuda" else INTERPRETER_MODES
 
 
-def _sim(c):
-    return rand(c, c, seed=6)
-
-
-MODES = {
-    "uniform": lambda n, c: {},
-    "no_smoothing": lambda n, c: {"smoothing": 0.0},
-    "weight_ignore": lambda n, c: {"weight": _w(c), "ignore_index": 1},
-    "sum": lambda n, c: {"reduction": "sum", "weight": _w(c)},
-    "none": lambda n, c: {"reduction": "none"},
-    "dense_similarity": lambda n, c: {
-        "similarity": _sim(c),
-        "similarity_mix": 0.6,
-        "weight": _w(c),
-    },
-    "sparse_similarity": lambda n, c: {
-        "similarity": sparse_sim(c, k=min(3, c)),
-        "similarity_mix": 0.7,
-        "weight": _w(c),
-    },
-    "per_sample_eps": lambda n, c: {"smoothing": rand(n, seed=7) * 0.5},
-    "adaptive_max": lambda n, c: {"adaptive": ConfidenceAdaptive(0.5, 3.0, "max")},
-    "adaptive_target": lambda n, c: {"adaptive": ConfidenceAdaptive(0.3, 2.0, "target")},
-    "z_loss": lambda n, c: {"z_loss": 1e-2},
-    "confidence_penalty": lambda n, c: {"confidence_penalty": 0.3},
-    "softcap": lambda n, c: {"softcap": 4.0},
-    "mixup": lambda n, c: {"mix_target": make(n, c, seed=9)[1], "mix_lambda": 0.3},
-    "mixup_rows_dense": lambda n, c: {
-        "mix_target": make(n, c, seed=9)[1],
-        "mix_lambda": rand(n, seed=8),
-        "similarity": _sim(c),
-        "similarity_mix": 0.5,
-    },
-    "mixup_sparse": lambda n, c: {
-        "mix_target": make(n, c, seed=9)[1],
-        "mix_lambda": 0.6,
-        "similarity": sparse_sim(c, k=min(2, c)),
-    },
-    "everything": lambda n, c: {
-        "weight": _w(c),
-        "similarity": _sim(c),
-        "similarity_mix": 0.4,
-        "mix_target": make(n, c, seed=9)[1],
-        "mix_lambda": 0.7,
-        "z_loss": 1e-3,
-        "confidence_penalty": 0.2,
-        "softcap": 5.0,
-        "adaptive": ConfidenceAdaptive(0.6, 1.5),
-        "ignore_index": 0,
-    },
-}
-
-
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", FP32_MODES)
 def test_modes_fp32(mode):
     n, c = SHAPES[-1]
-    x, y = make(n, c)
-    check_backend("triton", x, y, **MODES[mode](n, c))
+    x, y, kw = make_case(mode, n, c, device=DEVICE)
+    check_backend("triton", x, y, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(reduction):
+    n, c = SHAPES[-1]
+    x, y, kw = make_case("weight", n, c, device=DEVICE)
+    check_backend("triton", x, y, reduction=reduction, **kw)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:-1], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("mode", ["uniform", "sparse_similarity", "mixup_rows_dense", "everything"])
+@pytest.mark.parametrize("mode", ["uniform", "sparse_sim", "mixup_rows_dense", "everything_dense"])
 def test_small_shapes(mode, shape):
-    x, y = make(*shape)
-    check_backend("triton", x, y, **MODES[mode](*shape))
+    x, y, kw = make_case(mode, *shape, device=DEVICE)
+    check_backend("triton", x, y, **kw)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize(
     "mode",
-    ["uniform", "weight_ignore", "dense_similarity", "sparse_similarity", "softcap", "everything"],
+    ["uniform", "weight_ignore", "dense_sim_weight", "sparse_sim", "softcap", "everything_dense"],
 )
 def test_modes_low_precision(mode, dtype):
     n, c = SHAPES[-1]
-    x, y = make(n, c, dtype)
-    check_backend("triton", x, y, **MODES[mode](n, c))
+    x, y, kw = make_case(mode, n, c, dtype, DEVICE)
+    check_backend("triton", x, y, **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["uniform", "sparse_similarity", "mixup_rows_dense", "everything"])
+@pytest.mark.parametrize("mode", ["uniform", "sparse_sim", "mixup_rows_dense", "everything_dense"])
 def test_split_rows(split_rows, mode, dtype):
     n, c = SPLIT_SHAPE
     cols, splits, block, _ = launch_config(c)
     assert (cols, splits, block) == (32, 5, 16)  # the case under test really is split
-    x, y = make(n, c, dtype, seed=3)
-    check_backend("triton", x, y, **MODES[mode](n, c))
+    x, y, kw = make_case(mode, n, c, dtype, DEVICE, seed=3)
+    check_backend("triton", x, y, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +158,9 @@ def test_ignored_rows(request, split):
     if split:
         request.getfixturevalue("split_rows")
     n, c = SPLIT_SHAPE
-    x, y = make(n, c)
+    x, y, g = make_data(n, c, device=DEVICE, ignore=False)
     y[::2] = -100
-    check_backend("triton", x, y, weight=_w(c))
+    check_backend("triton", x, y, weight=class_weight(c, g, DEVICE))
     y[:] = -100  # every row ignored: mean is 0/0 = nan as in PyTorch, gradient 0
     check_backend("triton", x, y, reduction="sum")
 
@@ -208,17 +176,16 @@ def test_minus_inf_logits(request, split, dtype):
     if split:
         request.getfixturevalue("split_rows")
     n, c = SPLIT_SHAPE
-    x, y = make(n, c, dtype)
+    x, y, g = make_data(n, c, dtype, DEVICE, ignore=False)
     masked = torch.zeros(c, dtype=torch.bool, device=DEVICE)
     masked[3::4] = True
     masked[:40] = True  # whole blocks and (split) a whole row piece of −inf
     x[:, masked] = float("-inf")
     y = torch.where(masked[y], 41, y)
-    w = torch.where(masked, 0.0, 1.0 + rand(c, seed=4))
+    w = torch.where(masked, 0.0, 0.8 + class_weight(c, g, DEVICE))
+    sim = dense_similarity(c, g, DEVICE) * ~masked
     check_backend("triton", x, y, weight=w)
-    check_backend(
-        "triton", x, y, weight=w, similarity=_sim(c) * ~masked, similarity_mix=1.0, softcap=3.0
-    )
+    check_backend("triton", x, y, weight=w, similarity=sim, similarity_mix=1.0, softcap=3.0)
     # confidence penalty: p log p → 0 at p = 0. The dense reference's autograd makes NaN there
     # (0 · −inf in the backward of p · log p), so compare the loss and ask for a finite gradient.
     check_backend("triton", x, y, weight=w, confidence_penalty=0.2, grad=False)
@@ -231,15 +198,15 @@ def test_minus_inf_logits(request, split, dtype):
 
 def test_row_stride_and_class_dim_1():
     """A row-strided view (stride ≠ C) and [N, C, d] logits (class dim 1)."""
-    big, y = make(4, 60)
+    big, y, _ = make_data(4, 60, device=DEVICE, ignore=False)
     x = big[:, 5:50]
     y = y % 45
     assert x.stride(0) == 60
     check_backend("triton", x, y)
-    x3, _ = make(3 * 4, 19)
+    x3, y3, g = make_data(3 * 4, 19, device=DEVICE)
     x3 = x3.reshape(3, 4, 19).transpose(1, 2)  # [3, 19, 4]
-    y3 = make(12, 19, seed=4)[1].reshape(3, 4)
-    check_backend("triton", x3, y3, similarity=_sim(19))
+    y3 = y3.reshape(3, 4)
+    check_backend("triton", x3, y3, similarity=dense_similarity(19, g, DEVICE))
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
@@ -247,7 +214,7 @@ def test_return_stats(request, split):
     if split:
         request.getfixturevalue("split_rows")
     n, c = SPLIT_SHAPE
-    x, y = make(n, c, scale=1.0)
+    x, y, _ = make_data(n, c, device=DEVICE, scale=1.0, ignore=False)
     x = (x * 2).round() / 2  # many ties, so "first maximal index" is tested
     x[0, 100] = x[0, 7] = x[0].max() + 1  # tie across blocks (and across row pieces)
     x[1] = 0.0  # all equal: argmax 0
@@ -278,12 +245,12 @@ def test_inplace_backward(request, split, dtype):
     if split:
         request.getfixturevalue("split_rows")
     n, c = SPLIT_SHAPE
-    x0, y = make(n, c, dtype)
+    x0, y, g = make_data(n, c, dtype, DEVICE)
     kw = dict(
-        similarity=sparse_sim(c, k=4),
+        similarity=sparse_similarity(c, 4, g, DEVICE),
         similarity_mix=0.5,
         softcap=6.0,
-        mix_target=make(n, c, seed=9)[1],
+        mix_target=torch.randint(0, c, (n,), generator=g).to(DEVICE),
         mix_lambda=0.4,
     )
     a = x0.clone().requires_grad_(True)
@@ -328,7 +295,7 @@ def test_sparse_neighbours_coinciding_with_targets():
     idx = torch.stack([torch.arange(c), torch.arange(c), (torch.arange(c) + 1) % c], 1)
     val = torch.tensor([0.5, 0.25, 0.25]).expand(c, 3)
     sim = SparseSimilarity(idx.to(DEVICE), val.to(DEVICE))
-    x, y = make(n, c)
+    x, y, _ = make_data(n, c, device=DEVICE, ignore=False)
     check_backend(
         "triton", x, y, similarity=sim, similarity_mix=0.8, mix_target=(y + 1) % c, mix_lambda=0.5
     )
@@ -338,8 +305,13 @@ def test_sparse_neighbours_coinciding_with_targets():
 def test_grad_pass_rounds_once(dtype):
     """The backend's grad pass equals the torch backend's fp32 computation rounded once."""
     n, c = SHAPES[-1]
-    x, y = make(n, c, dtype)
-    kw = dict(similarity=sparse_sim(c), similarity_mix=0.5, z_loss=1e-2, confidence_penalty=0.1)
+    x, y, g = make_data(n, c, dtype, DEVICE)
+    kw = dict(
+        similarity=sparse_similarity(c, 3, g, DEVICE),
+        similarity_mix=0.5,
+        z_loss=1e-2,
+        confidence_penalty=0.1,
+    )
     _, g_t = _loss_and_grad(x, y, **kw)
     xx = x.clone().requires_grad_(True)
     fused_ls.label_smoothing_cross_entropy(xx, y, backend="torch", **kw).sum().backward()
@@ -357,6 +329,6 @@ def test_real_vocabularies_cuda(monkeypatch, c):
     production block and split sizes, bf16, on a GPU."""
     monkeypatch.undo()
     n = 64
-    x, y = make(n, c, torch.bfloat16)
-    check_backend("triton", x, y, weight=_w(c), z_loss=1e-4)
+    x, y, g = make_data(n, c, torch.bfloat16, DEVICE)
+    check_backend("triton", x, y, weight=class_weight(c, g, DEVICE), z_loss=1e-4)
     check_backend("triton", x, y, softcap=30.0, confidence_penalty=0.1)
