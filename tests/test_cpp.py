@@ -14,11 +14,13 @@ import pytest
 import torch
 from helpers import (
     DTYPES,
+    LOW,
     TOL,
     check_backend,
     dense_similarity,
     loss_and_grad,
     make_case,
+    make_data,
     mode_cases,
     problem,
 )
@@ -214,6 +216,32 @@ def test_every_compiled_isa(dtype, monkeypatch):
     # the paths agree with each other to rounding
     for isa, loss in results.items():
         torch.testing.assert_close(loss, results["default"], rtol=1e-4, atol=1e-5, msg=isa)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_gradient_rounds_to_nearest_even(dtype, monkeypatch):
+    """The gradient is rounded once from fp32 to bf16/fp16, to nearest even, on every compiled
+    path: also fp32 denormals (which AVX512-BF16's conversion instruction would flush to zero:
+    the kernels convert such a group of 32 the portable way). Checked through rescale's in-place
+    scaling, whose only rounding is that of the store: out = round(go · out)."""
+    from fused_ls.backends import cpp_backend
+
+    tiny = torch.finfo(torch.float32).tiny
+    g = torch.Generator().manual_seed(3)
+    vals = torch.randn(3, 4099, generator=g)
+    vals[0] *= tiny * 64  # fp32 denormals (a few bf16/fp16 steps apart) and normals below
+    vals[1] = vals[1].abs() + 1  # normal numbers, exactly halfway cases included below
+    vals[2, :64] = 1 + torch.arange(64) * 2.0**-8  # × (1 + 2⁻⁹): ties between bf16 neighbours
+    x, y, _ = make_data(3, 4099, dtype)
+    p = problem(x, y, reduction="none")
+    go = torch.tensor([1.5, 0.75, 1.0 + 2.0**-9])
+    for isa in cpp_backend.isas():
+        monkeypatch.setenv("FUSED_LS_CPU_ISA", isa)
+        out = vals.to(dtype)
+        want = (out.float() * go[:, None]).to(dtype)  # PyTorch's own round-to-nearest-even
+        fused_ls.backends.get("cpp").rescale(go, out, out, torch.zeros(4, 8), p)
+        assert torch.equal(out, want), isa  # (by value: the kernels' zero is +0)
 
 
 @needs_cpp
