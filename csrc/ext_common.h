@@ -199,12 +199,19 @@ struct Call {
   }
 };
 
+// The call of an op over the logits x ([N, C] on Device): checked, the problem's tensors prepared.
 template <typename Device>
-std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, FLS_PROBLEM_PARAMS) {
+Call logits_call(const at::Tensor& x, FLS_PROBLEM_PARAMS) {
   Device::check(x);
   check_logits(x, "x");
   Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
   call.logits(x);
+  return call;
+}
+
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, FLS_PROBLEM_PARAMS) {
+  Call call = logits_call<Device>(x, FLS_PROBLEM_ARGS);
   Device::validate(call.a, call.acc);
   auto outs = call.outputs();
   Device::run(call.a, PH_STATS | PH_FINALIZE, x);
@@ -215,10 +222,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, FLS_PROBLEM_P
 template <typename Device>
 void backward_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& out,
                  const at::Tensor& pack, FLS_PROBLEM_PARAMS) {
-  Device::check(x);
-  check_logits(x, "x");
-  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
-  call.logits(x);
+  Call call = logits_call<Device>(x, FLS_PROBLEM_ARGS);
   call.gradient(x, out, grad_loss);
   call.finished(pack);
   call.a.go_mean = call.a.reduction == RED_MEAN;
@@ -230,10 +234,7 @@ template <typename Device>
 std::tuple<at::Tensor, at::Tensor> forward_backward_op(const at::Tensor& x, const at::Tensor& out,
                                                        const at::Tensor& grad_loss,
                                                        FLS_PROBLEM_PARAMS) {
-  Device::check(x);
-  check_logits(x, "x");
-  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
-  call.logits(x);
+  Call call = logits_call<Device>(x, FLS_PROBLEM_ARGS);
   call.gradient(x, out, grad_loss);
   Device::validate(call.a, call.acc);
   auto outs = call.outputs();
@@ -254,10 +255,7 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(const at::Tensor& x, cons
 template <typename Device>
 void rescale_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& out,
                 const at::Tensor& pack, FLS_PROBLEM_PARAMS) {
-  Device::check(x);
-  check_logits(x, "x");
-  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
-  call.logits(x);
+  Call call = logits_call<Device>(x, FLS_PROBLEM_ARGS);
   call.gradient(x, out, grad_loss);
   call.finished(pack);
   call.a.skip_unit = true;
@@ -271,10 +269,7 @@ void rescale_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tens
 
 template <typename Device>
 at::Tensor row_stats_op(const at::Tensor& x, FLS_PROBLEM_PARAMS) {
-  Device::check(x);
-  check_logits(x, "x");
-  Call call(x, x.size(0), x.size(1), x.scalar_type(), FLS_PROBLEM_ARGS);
-  call.logits(x);
+  Call call = logits_call<Device>(x, FLS_PROBLEM_ARGS);
   Device::validate(call.a, call.acc);
   at::Tensor stats = at::empty({x.size(0), kWidth}, x.options().dtype(call.acc));
   call.a.stats = stats.data_ptr();
