@@ -86,6 +86,16 @@ FLS_HD V softcap_dzdx(V z, V rcp) {
   V t = z * rcp;
   return V(1) - t * t;
 }
+// The softcap of a row or a kernel, read once from the arguments' softcap (0: none): z(x) is
+// the transform when on, else x itself.
+template <typename T>
+struct SoftCap {
+  bool on;
+  T cap, rcp;
+  FLS_HD explicit SoftCap(double softcap)
+      : on(softcap > 0), cap(static_cast<T>(softcap)), rcp(on ? T(1) / cap : T(0)) {}
+  FLS_HD T z(T x) const { return on ? softcap_z(x, cap, rcp) : x; }
+};
 
 // ---- statistics -------------------------------------------------------------------------------
 // One term R_c · z_c of a smoothing dot product: 0 where R_c = 0, even if z_c = −inf.

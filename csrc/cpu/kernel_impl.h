@@ -207,18 +207,17 @@ struct ChunkView {
 };
 
 // z for n ≤ kChunk logits: the logits themselves when they already are z (accumulation dtype,
-// no softcap), else converted and/or soft-capped into buf (rcp = 1 / cap). Tail lanes past n
-// hold `pad`.
+// no softcap), else converted and/or soft-capped into buf. Tail lanes past n hold `pad`.
 template <typename scalar_t, typename acc_t>
-inline void load_chunk(const scalar_t* x, int64_t n, acc_t* buf, bool has_cap, acc_t cap,
-                       acc_t rcp, acc_t pad, ChunkView<acc_t>& v) {
+inline void load_chunk(const scalar_t* x, int64_t n, acc_t* buf, const rm::SoftCap<acc_t>& sc,
+                       acc_t pad, ChunkView<acc_t>& v) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   v.n = n;
   v.full = n / W * W;
   const acc_t* src = buf;  // the chunk in the accumulation dtype, before the softcap
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (!has_cap) {
+    if (!sc.on) {
       v.src = x;
       for (int64_t j = v.full; j < v.full + W; ++j) v.tail[j - v.full] = j < n ? x[j] : pad;
       return;
@@ -234,8 +233,8 @@ inline void load_chunk(const scalar_t* x, int64_t n, acc_t* buf, bool has_cap, a
     }
     for (; j < n; ++j) buf[j] = static_cast<acc_t>(x[j]);
   }
-  if (has_cap) {
-    const Vec vcap(cap), vrcp(rcp);
+  if (sc.on) {
+    const Vec vcap(sc.cap), vrcp(sc.rcp);
     for (int64_t j = 0; j < v.full; j += W) {
       rm::softcap_z(Vec::loadu(src + j), vcap, vrcp).store(buf + j);
     }
@@ -358,13 +357,6 @@ inline void store_chunk(const acc_t* buf, int64_t n, scalar_t* dst, bool stream 
   }
 }
 
-// z at local column c of row xr (softcap applied).
-template <typename scalar_t, typename acc_t>
-inline acc_t z_at(const scalar_t* xr, int64_t c, bool has_cap, acc_t cap, acc_t rcp) {
-  const acc_t v = static_cast<acc_t>(xr[c]);
-  return has_cap ? rm::softcap_z(v, cap, rcp) : v;
-}
-
 // What the one-pass gradient keeps of a row between its statistics and its gradient (in the
 // thread's cache, not re-read from memory): e_c = exp(z_c − m_k) of every column c with m_k the
 // max of c's chunk k, so that p_c = e_c · exp(m_k − lse) needs no second exp; the chunk maxima;
@@ -394,9 +386,7 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
                            RowKeep<acc_t>* keep = nullptr) {
   using Vec = Vectorized<acc_t>;
   const acc_t NEG = rm::neg_inf<acc_t>();
-  const bool has_cap = a.softcap > 0;
-  const acc_t cap = static_cast<acc_t>(a.softcap);
-  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  const rm::SoftCap<acc_t> sc(a.softcap);
   const int64_t C = a.C;
   const scalar_t* xr = static_cast<const scalar_t*>(a.x) + i * a.x_stride;
   const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(a, a.y_a[i]);
@@ -410,7 +400,7 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
 
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, C - c0);
-    load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, NEG, cv);
+    load_chunk<scalar_t, acc_t>(xr + c0, n, buf, sc, NEG, cv);
     // sweep 1: max, the −inf lanes, and the dots Σ R z as plain products; padded lanes hold
     // z = −inf and R = 0 (masked load). Only if the chunk holds a −inf or NaN (the −inf lanes or
     // a NaN max tell) are the dots redone with zero-mass terms forced to 0 — the rare
@@ -552,7 +542,7 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
   if (a.need_stats) {
     // the argmax's position inside its chunk: one vectorised scan of that chunk per row
     const int64_t nb = std::min(kChunk, C - best_c0);
-    load_chunk<scalar_t, acc_t>(xr + best_c0, nb, buf, has_cap, cap, rcp, NEG, cv);
+    load_chunk<scalar_t, acc_t>(xr + best_c0, nb, buf, sc, NEG, cv);
     const bool find_nan = best != best;
     const Vec vbest(best);
     int64_t arg = -1;
@@ -565,7 +555,7 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
     out.arg = a.col_offset + (arg < 0 ? best_c0 : arg);  // arg < 0: not reached
   }
   rm::target_stats<acc_t>(a, i, Ra.scale * dot_a, Rb.scale * dot_b,
-                          [&](int64_t c) { return z_at<scalar_t, acc_t>(xr, c, has_cap, cap, rcp); },
+                          [&](int64_t c) { return sc.z(static_cast<acc_t>(xr[c])); },
                           out);
   return out;
 }
@@ -597,9 +587,7 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
     std::memset(static_cast<void*>(orow), 0, C * sizeof(scalar_t));
     return;
   }
-  const bool has_cap = a.softcap > 0;
-  const acc_t cap = static_cast<acc_t>(a.softcap);
-  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  const rm::SoftCap<acc_t> sc(a.softcap);
   const rm::Coefs<acc_t> k = rm::grad_coefs<acc_t>(a, i, lse, eps, go);
   const bool has_gamma = a.cp != 0;
   const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(a, a.y_a[i]);
@@ -628,7 +616,7 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
   for (int64_t f = 0; f < fx.n; ++f) fx.x[f] = static_cast<acc_t>(xr[fx.col[f]]);
 
   // 2. dense pass: g = softmax part − u_a R_a − u_b R_b, × dz/dx
-  const Vec vlse(lse), vcoef(k.coef), vgamma(k.gamma), vpz(pz), vua(ua), vub(ub), vrcp(rcp);
+  const Vec vlse(lse), vcoef(k.coef), vgamma(k.gamma), vpz(pz), vua(ua), vub(ub), vrcp(sc.rcp);
   const bool lse_finite = lse == lse && lse != -rm::neg_inf<acc_t>() && lse != rm::neg_inf<acc_t>();
   const bool kept = keep != nullptr && keep->finite && lse_finite;
   // same dtype: write each vector straight into out (reading x first, so out may alias x); else
@@ -643,7 +631,7 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
                                  : rm::grad_softmax_part_p(p, vcoef);
       Vec lin = Ra.p ? vua * Vec::loadu(Ra.p + c0 + j, cnt) : vua;
       if (two) lin += vub * Vec::loadu(Rb.p + c0 + j, cnt);
-      const Vec g = rm::grad_finish(soft, lin, z, has_cap, vrcp);
+      const Vec g = rm::grad_finish(soft, lin, z, sc.on, vrcp);
       if (direct && stream && cnt == Vec::size()) {
         store_vec(dst + j, g, true);
       } else {
@@ -662,7 +650,7 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
         finish(p, zk ? Vec::loadu(zk + j, cnt) : p, j, cnt);
       }
     } else {
-      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, has_cap, cap, rcp, acc_t(0), cv);
+      load_chunk<scalar_t, acc_t>(xr + c0, n, buf, sc, acc_t(0), cv);
       cv.for_each([&](const Vec& z, int64_t j, int64_t cnt) {
         // a finite lse means the row holds no NaN or +inf: z − lse is finite or −inf
         finish(lse_finite ? rm::exp_no_nan(z - vlse) : rm::rm_exp(z - vlse), z, j, cnt);
@@ -679,10 +667,10 @@ void grad_row(const RowArgs& a, int64_t i, acc_t lse, acc_t eps, acc_t pz, acc_t
     for (int64_t f2 = 0; f2 < fx.n; ++f2) {
       if (fx.col[f2] == c) lin += fx.mass[f2];
     }
-    const acc_t z = has_cap ? rm::softcap_z(fx.x[f], cap, rcp) : fx.x[f];
+    const acc_t z = sc.z(fx.x[f]);
     const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, k.coef, k.gamma, pz)
                                  : rm::grad_softmax_part(z, lse, k.coef);
-    orow[c] = static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
+    orow[c] = static_cast<scalar_t>(rm::grad_finish(soft, lin, z, sc.on, sc.rcp));
   }
 }
 
@@ -697,7 +685,7 @@ void scale_row(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<acc_t>& cv) {
   const Vec vgo(go), zero(acc_t(0));
   for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, a.C - c0);
-    load_chunk<scalar_t, acc_t>(orow + c0, n, buf, false, acc_t(0), acc_t(0), acc_t(0), cv);
+    load_chunk<scalar_t, acc_t>(orow + c0, n, buf, rm::SoftCap<acc_t>(0), acc_t(0), cv);
     acc_t* dst = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(orow + c0) : buf;
     cv.for_each([&](const Vec& g, int64_t j, int64_t cnt) {
       Vec::blendv(g * vgo, zero, g == zero).store(dst + j, static_cast<int>(cnt));

@@ -152,10 +152,10 @@ __device__ Partial<T> block_combine(Partial<T> p) {
 template <typename acc_t>
 struct ColumnStats {
   rm::RRow<acc_t> Ra, Rb;
-  bool two, has_cap;
-  acc_t cap, rcp;
+  bool two;
+  rm::SoftCap<acc_t> sc;
   __device__ __forceinline__ void add(Partial<acc_t>& part, int64_t c, acc_t x) const {
-    const acc_t z = has_cap ? rm::softcap_z(x, cap, rcp) : x;
+    const acc_t z = sc.z(x);
     rm::online_add(part.st, z);
     if (rm::argmax_takes<acc_t>(z, c, part.best, part.arg)) {
       part.best = z;
@@ -165,13 +165,6 @@ struct ColumnStats {
     if (two) part.dot_b += rm::masked_term(Rb.p[c], z);
   }
 };
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t z_at(const scalar_t* xr, int64_t c, bool has_cap, acc_t cap,
-                                      acc_t rcp) {
-  const acc_t v = static_cast<acc_t>(xr[c]);
-  return has_cap ? rm::softcap_z(v, cap, rcp) : v;
-}
 
 // Thread 0: the finished statistics of a row → pack row (+ loss_i) or the stats row; returns
 // (lse, ε, Σpz) for a gradient pass that follows.
@@ -237,20 +230,18 @@ __device__ void grad_slice(const KParams& p, int64_t row, int64_t c0, int64_t c1
   __syncthreads();
   const rm::Coefs<acc_t> kc = *k;
   const int nf = *nf_ptr;
-  const bool has_cap = p.softcap > 0;
-  const acc_t cap = static_cast<acc_t>(p.softcap);
-  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  const rm::SoftCap<acc_t> sc(p.softcap);
   const bool has_gamma = p.cp != 0;
   const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(p, p.y_a[row]);
   const bool two = p.R && p.y_b;
   const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
 
   auto grad_at = [&](int64_t c, acc_t x, acc_t extra_mass) {
-    const acc_t z = has_cap ? rm::softcap_z(x, cap, rcp) : x;
+    const acc_t z = sc.z(x);
     const acc_t soft = has_gamma ? rm::grad_softmax_part(z, lse, kc.coef, kc.gamma, pz)
                                  : rm::grad_softmax_part(z, lse, kc.coef);
     const acc_t lin = kc.u_a * Ra.at(c) + (two ? kc.u_b * Rb.at(c) : acc_t(0)) + extra_mass;
-    return static_cast<scalar_t>(rm::grad_finish(soft, lin, z, has_cap, rcp));
+    return static_cast<scalar_t>(rm::grad_finish(soft, lin, z, sc.on, sc.rcp));
   };
   int64_t tail = c0;
   if (p.vec) {
@@ -312,12 +303,10 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(KParams p) {
   const rm::RRow<acc_t> Ra = rm::r_row<acc_t>(p, p.y_a[row]);
   const bool two = p.R && p.y_b;
   const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
-  const bool has_cap = p.softcap > 0;
-  const acc_t cap = static_cast<acc_t>(p.softcap);
-  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  const rm::SoftCap<acc_t> sc(p.softcap);
 
   Partial<acc_t> part = empty_partial<acc_t>();
-  const ColumnStats<acc_t> column{Ra, Rb, two, has_cap, cap, rcp};
+  const ColumnStats<acc_t> column{Ra, Rb, two, sc};
   auto consume = [&](int64_t c, scalar_t xv) { column.add(part, c, static_cast<acc_t>(xv)); };
   int64_t tail = c0;
   if (p.vec) {
@@ -357,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(KParams p) {
                         static_cast<int64_t>(p.col_offset + part.arg)};
     rm::target_stats<acc_t>(
         p, row, dense_a, dense_b,
-        [&](int64_t c) { return z_at<scalar_t, acc_t>(xr, c, has_cap, cap, rcp); }, st);
+        [&](int64_t c) { return sc.z(static_cast<acc_t>(xr[c])); }, st);
     finish_row<acc_t>(p, row, st, vals);
   }
   if (p.phases & PH_GRAD) {
@@ -391,12 +380,10 @@ __global__ void merge_kernel(KParams p) {
     }
     st = {r.st.m, r.st.d, r.st.s, 0, 0, 0, 0, static_cast<int64_t>(r.arg)};
     const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
-    const bool has_cap = p.softcap > 0;
-    const acc_t cap = static_cast<acc_t>(p.softcap);
-    const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+    const rm::SoftCap<acc_t> sc(p.softcap);
     rm::target_stats<acc_t>(
         p, row, dense_a, dense_b,
-        [&](int64_t c) { return z_at<scalar_t, acc_t>(xr, c, has_cap, cap, rcp); }, st);
+        [&](int64_t c) { return sc.z(static_cast<acc_t>(xr[c])); }, st);
   }
   acc_t vals[3];
   finish_row<acc_t>(p, row, st, vals);
@@ -507,9 +494,7 @@ __global__ void __launch_bounds__(kThreads) cluster_rows_kernel(KParams p) {
   __shared__ acc_t vals[3];            // lse, ε, Σpz of the row
   const int64_t c0 = static_cast<int64_t>(rank) * p.slice;
   const int64_t c1 = min(p.C, c0 + p.slice);
-  const bool has_cap = p.softcap > 0;
-  const acc_t cap = static_cast<acc_t>(p.softcap);
-  const acc_t rcp = has_cap ? acc_t(1) / cap : acc_t(0);
+  const rm::SoftCap<acc_t> sc(p.softcap);
   for (int64_t row = blockIdx.y; row < p.N; row += gridDim.y) {  // uniform over the cluster
     if (threadIdx.x == 0 && rank == 0) validate_row<acc_t>(p, row);
     const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * p.x_stride;
@@ -518,7 +503,7 @@ __global__ void __launch_bounds__(kThreads) cluster_rows_kernel(KParams p) {
     const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
     // 1. the slice into shared memory, consumed into the statistics on the way
     Partial<acc_t> mine = empty_partial<acc_t>();
-    const ColumnStats<acc_t> column{Ra, Rb, two, has_cap, cap, rcp};
+    const ColumnStats<acc_t> column{Ra, Rb, two, sc};
     auto consume = [&](int64_t c, scalar_t xv) { column.add(mine, c, static_cast<acc_t>(xv)); };
     int64_t tail = c0;
     if (p.vec) {
@@ -547,13 +532,8 @@ __global__ void __launch_bounds__(kThreads) cluster_rows_kernel(KParams p) {
       RowArgs here = p;  // the slice's columns, for the target and sparse terms held here
       here.col_offset = p.col_offset + c0;
       here.C = c1 - c0;
-      rm::target_stats<acc_t>(
-          here, row, acc_t(0), acc_t(0),
-          [&](int64_t c) {
-            const acc_t v = static_cast<acc_t>(xs[c]);
-            return has_cap ? rm::softcap_z(v, cap, rcp) : v;
-          },
-          local);
+      rm::target_stats<acc_t>(here, row, acc_t(0), acc_t(0),
+                              [&](int64_t c) { return sc.z(static_cast<acc_t>(xs[c])); }, local);
       part.za = local.za;
       part.zb = local.zb;
       part.Da = local.Da;
