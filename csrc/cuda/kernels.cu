@@ -166,6 +166,33 @@ struct ColumnStats {
   }
 };
 
+// A thread's share of the columns [c0, c1) of row xr into its statistics `part` (16-byte packs
+// where p.vec, then the tail). kKeep: each value is also stored at keep[c − c0] (the cluster
+// kernel's slice in shared memory).
+template <bool kKeep, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void consume_columns(const KParams& p, const scalar_t* xr, int64_t c0,
+                                                int64_t c1, const ColumnStats<acc_t>& column,
+                                                Partial<acc_t>& part, scalar_t* keep = nullptr) {
+  int64_t tail = c0;
+  if (p.vec) {
+    constexpr int V = Pack<scalar_t>::n;
+    const int64_t nv = (c1 - c0) / V;
+    const Pack<scalar_t>* xp = reinterpret_cast<const Pack<scalar_t>*>(xr + c0);
+    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+      const Pack<scalar_t> pk = xp[v];
+      if constexpr (kKeep) reinterpret_cast<Pack<scalar_t>*>(keep)[v] = pk;
+#pragma unroll
+      for (int q = 0; q < V; ++q) column.add(part, c0 + v * V + q, static_cast<acc_t>(pk.v[q]));
+    }
+    tail = c0 + nv * V;
+  }
+  for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) {
+    if constexpr (kKeep) keep[c - c0] = xr[c];
+    column.add(part, c, static_cast<acc_t>(xr[c]));
+  }
+  if (!rm::gathers_s(p)) part.st.s = acc_t(0);
+}
+
 // Thread 0: the finished statistics of a row → pack row (+ loss_i) or the stats row; returns
 // (lse, ε, Σpz) for a gradient pass that follows.
 template <typename acc_t>
@@ -306,22 +333,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(KParams p) {
   const rm::SoftCap<acc_t> sc(p.softcap);
 
   Partial<acc_t> part = empty_partial<acc_t>();
-  const ColumnStats<acc_t> column{Ra, Rb, two, sc};
-  auto consume = [&](int64_t c, scalar_t xv) { column.add(part, c, static_cast<acc_t>(xv)); };
-  int64_t tail = c0;
-  if (p.vec) {
-    constexpr int V = Pack<scalar_t>::n;
-    const int64_t nv = (c1 - c0) / V;
-    const Pack<scalar_t>* xp = reinterpret_cast<const Pack<scalar_t>*>(xr + c0);
-    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-      const Pack<scalar_t> pk = xp[v];
-#pragma unroll
-      for (int q = 0; q < V; ++q) consume(c0 + v * V + q, pk.v[q]);
-    }
-    tail = c0 + nv * V;
-  }
-  for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) consume(c, xr[c]);
-  if (!rm::gathers_s(p)) part.st.s = acc_t(0);
+  consume_columns<false>(p, xr, c0, c1, ColumnStats<acc_t>{Ra, Rb, two, sc}, part);
 
   part = block_combine(part);
   // the dense dots in R's units: scale · Σ p[c] z_c (a zero scale is a zero dot)
@@ -503,27 +515,7 @@ __global__ void __launch_bounds__(kThreads) cluster_rows_kernel(KParams p) {
     const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(p, p.y_b[row]) : Ra;
     // 1. the slice into shared memory, consumed into the statistics on the way
     Partial<acc_t> mine = empty_partial<acc_t>();
-    const ColumnStats<acc_t> column{Ra, Rb, two, sc};
-    auto consume = [&](int64_t c, scalar_t xv) { column.add(mine, c, static_cast<acc_t>(xv)); };
-    int64_t tail = c0;
-    if (p.vec) {
-      constexpr int V = Pack<scalar_t>::n;
-      const int64_t nv = (c1 - c0) / V;
-      const Pack<scalar_t>* xp = reinterpret_cast<const Pack<scalar_t>*>(xr + c0);
-      Pack<scalar_t>* sp = reinterpret_cast<Pack<scalar_t>*>(xs);
-      for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-        const Pack<scalar_t> pk = xp[v];
-        sp[v] = pk;
-#pragma unroll
-        for (int q = 0; q < V; ++q) consume(c0 + v * V + q, pk.v[q]);
-      }
-      tail = c0 + nv * V;
-    }
-    for (int64_t c = tail + threadIdx.x; c < c1; c += blockDim.x) {
-      xs[c - c0] = xr[c];
-      consume(c, xr[c]);
-    }
-    if (!rm::gathers_s(p)) mine.st.s = acc_t(0);
+    consume_columns<true>(p, xr, c0, c1, ColumnStats<acc_t>{Ra, Rb, two, sc}, mine, xs);
     mine = block_combine(mine);  // valid in thread 0; ends with every thread past a barrier
     __syncthreads();             // the slice is in shared memory for every thread
     if (threadIdx.x == 0) {
