@@ -219,13 +219,24 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, FLS_PROBLEM_P
   return outs;
 }
 
-template <typename Device>
-void backward_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& out,
-                 const at::Tensor& pack, FLS_PROBLEM_PARAMS) {
+// The gradient pass. ext_backward (kRescale false): out = the gradient for grad_loss.
+// ext_rescale (kRescale true): `out` holds the gradient of forward_backward for a unit upstream
+// gradient; make it that of grad_loss (see args.h skip_unit / scale_only): rows whose upstream is
+// 1 are not touched, the others are recomputed from x, or scaled in place when x is out (the
+// logits are gone).
+template <typename Device, bool kRescale>
+void grad_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& out,
+             const at::Tensor& pack, FLS_PROBLEM_PARAMS) {
   Call call = logits_call<Device>(x, FLS_PROBLEM_ARGS);
   call.gradient(x, out, grad_loss);
   call.finished(pack);
-  call.a.go_mean = call.a.reduction == RED_MEAN;
+  if constexpr (kRescale) {
+    call.a.skip_unit = true;
+    call.a.scale_only = x.data_ptr() == out.data_ptr();
+  }
+  // computing: the gradient of go · loss (÷ Σ W for "mean"); scaling: out already holds the
+  // mean's 1/ΣW, so only go
+  call.a.go_mean = call.a.reduction == RED_MEAN && !call.a.scale_only;
   if (x.size(0) == 0 || x.size(1) == 0) return;
   Device::run(call.a, PH_GRAD, x);
 }
@@ -247,24 +258,6 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(const at::Tensor& x, cons
   Device::run(call.a, PH_STATS | PH_FINALIZE | PH_GRAD, x);
   Device::reduce(call.a, std::get<1>(outs), std::get<0>(outs));
   return outs;
-}
-
-// `out` holds the gradient of forward_backward for a unit upstream gradient; make it that of
-// grad_loss (see args.h skip_unit / scale_only): rows whose upstream is 1 are not touched, the
-// others are recomputed from x, or scaled in place when x is out (the logits are gone).
-template <typename Device>
-void rescale_op(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& out,
-                const at::Tensor& pack, FLS_PROBLEM_PARAMS) {
-  Call call = logits_call<Device>(x, FLS_PROBLEM_ARGS);
-  call.gradient(x, out, grad_loss);
-  call.finished(pack);
-  call.a.skip_unit = true;
-  call.a.scale_only = x.data_ptr() == out.data_ptr();
-  // recomputing: the gradient of go · loss as the backward writes it (÷ Σ W for "mean");
-  // scaling: out already holds the mean's 1/ΣW, so only go
-  call.a.go_mean = call.a.reduction == RED_MEAN && !call.a.scale_only;
-  if (x.size(0) == 0 || x.size(1) == 0) return;
-  Device::run(call.a, PH_GRAD, x);
 }
 
 template <typename Device>
@@ -296,9 +289,9 @@ std::tuple<at::Tensor, at::Tensor> finalize_op(const at::Tensor& stats, FLS_PROB
 // Registers the five ops' implementations for one dispatch key.
 #define FLS_REGISTER_IMPLS(m, Device)                                          \
   m.impl("ext_forward", &fused_ls::forward_op<Device>);                        \
-  m.impl("ext_backward", &fused_ls::backward_op<Device>);                      \
+  m.impl("ext_backward", &fused_ls::grad_op<Device, false>);                   \
   m.impl("ext_forward_backward", &fused_ls::forward_backward_op<Device>);      \
-  m.impl("ext_rescale", &fused_ls::rescale_op<Device>);                        \
+  m.impl("ext_rescale", &fused_ls::grad_op<Device, true>);                     \
   m.impl("ext_row_stats", &fused_ls::row_stats_op<Device>);                    \
   m.impl("ext_finalize", &fused_ls::finalize_op<Device>)
 
