@@ -326,10 +326,12 @@ inline bool bf16_native() {
 }
 #endif
 
-// Writes n accumulation-dtype values to the output dtype (round to nearest even); full vectors
-// streamed when `stream` (dst aligned: chunks start at multiples of kChunk columns).
+// Writes n accumulation-dtype values to the low-precision output dtype (round to nearest even);
+// full vectors streamed when `stream` (dst aligned: chunks start at multiples of kChunk columns).
+// Same-dtype outputs never come here: their kernels write each vector into the output directly.
 template <typename scalar_t, typename acc_t>
 inline void store_chunk(const acc_t* buf, int64_t n, scalar_t* dst, bool stream = false) {
+  static_assert(!std::is_same_v<scalar_t, acc_t>, "same-dtype outputs are written in place");
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
 #if defined(CPU_CAPABILITY_AVX512)
@@ -337,24 +339,14 @@ inline void store_chunk(const acc_t* buf, int64_t n, scalar_t* dst, bool stream 
     if (bf16_native()) return store_bf16_native(buf, n, dst, stream);
   }
 #endif
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (!stream) {
-      std::memcpy(dst, buf, n * sizeof(acc_t));
-      return;
-    }
-    int64_t j = 0;
-    for (; j + W <= n; j += W) store_vec(dst + j, Vec::loadu(buf + j), true);
-    for (; j < n; ++j) dst[j] = buf[j];
-  } else {
-    using RVec = Vectorized<scalar_t>;
-    int64_t j = 0;
-    for (; j + RVec::size() <= n; j += RVec::size()) {
-      store_vec(dst + j,
-                at::vec::convert_from_float<scalar_t>(Vec::loadu(buf + j), Vec::loadu(buf + j + W)),
-                stream);
-    }
-    for (; j < n; ++j) dst[j] = static_cast<scalar_t>(buf[j]);
+  using RVec = Vectorized<scalar_t>;
+  int64_t j = 0;
+  for (; j + RVec::size() <= n; j += RVec::size()) {
+    store_vec(dst + j,
+              at::vec::convert_from_float<scalar_t>(Vec::loadu(buf + j), Vec::loadu(buf + j + W)),
+              stream);
   }
+  for (; j < n; ++j) dst[j] = static_cast<scalar_t>(buf[j]);
 }
 
 // What the one-pass gradient keeps of a row between its statistics and its gradient (in the
@@ -393,6 +385,7 @@ rm::Stats<acc_t> row_stats(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<ac
   const bool two = a.R && a.y_b;  // a second dense row (mixup with a dense similarity)
   const rm::RRow<acc_t> Rb = two ? rm::r_row<acc_t>(a, a.y_b[i]) : Ra;
   const bool dots = Ra.scale != acc_t(0);
+  if (keep) keep->finite = true;
   rm::SoftmaxState<acc_t> st = rm::empty_state<acc_t>();
   acc_t best = NEG;  // the best chunk max so far, and where that chunk starts
   int64_t best_c0 = 0;
@@ -682,13 +675,13 @@ void scale_row(const RowArgs& a, int64_t i, acc_t* buf, ChunkView<acc_t>& cv) {
   using Vec = Vectorized<acc_t>;
   scalar_t* orow = static_cast<scalar_t*>(a.out) + i * a.out_stride;
   const acc_t go = rm::raw_go<acc_t>(a, i);
-  const Vec vgo(go), zero(acc_t(0));
+  const Vec vgo(go);
   for (int64_t c0 = 0; c0 < a.C; c0 += kChunk) {
     const int64_t n = std::min(kChunk, a.C - c0);
     load_chunk<scalar_t, acc_t>(orow + c0, n, buf, rm::SoftCap<acc_t>(0), acc_t(0), cv);
     acc_t* dst = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(orow + c0) : buf;
     cv.for_each([&](const Vec& g, int64_t j, int64_t cnt) {
-      Vec::blendv(g * vgo, zero, g == zero).store(dst + j, static_cast<int>(cnt));
+      rm::rm_zero_where_zero(g, g * vgo).store(dst + j, static_cast<int>(cnt));
     });
     if constexpr (!std::is_same_v<scalar_t, acc_t>) store_chunk<scalar_t, acc_t>(buf, n, orow + c0);
   }
@@ -703,6 +696,12 @@ template <typename scalar_t, typename acc_t>
 void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
   alignas(64) acc_t buf[kChunk];
   ChunkView<acc_t> cv;
+  if (a.scale_only) {  // ext_rescale over the gradient itself: scale the rows, nothing else
+    for (int64_t i = begin; i < end; ++i) {
+      if (!rm::unit_row<acc_t>(a, i)) scale_row<scalar_t, acc_t>(a, i, buf, cv);
+    }
+    return;
+  }
   Fixups<acc_t> fx(2 + 2 * a.K);
   acc_t* stats = static_cast<acc_t*>(a.stats);
   acc_t* pack = static_cast<acc_t*>(a.pack);
@@ -714,13 +713,8 @@ void rows_impl(const RowArgs& a, int phases, int64_t begin, int64_t end) {
 
   for (int64_t i = begin; i < end; ++i) {
     if ((phases & PH_GRAD) && rm::unit_row<acc_t>(a, i)) continue;  // rescale: already right
-    if (a.scale_only) {
-      scale_row<scalar_t, acc_t>(a, i, buf, cv);
-      continue;
-    }
     const bool ignored = a.y_a[i] == a.ignore_index;
     acc_t lse = 0, eps = 0, pz = 0;
-    keep.finite = true;
     if (phases & PH_FINALIZE) {
       acc_t* pr = pack + i * kWidth;
       if (ignored && !a.need_stats) {
