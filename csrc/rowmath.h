@@ -249,9 +249,13 @@ struct TargetTerms {
   T w, M;
 };
 template <typename T>
+FLS_HD T class_weight(const RowArgs& a, int64_t y) {
+  return a.w ? at<T>(a.w, y) : T(1);
+}
+template <typename T>
 FLS_HD TargetTerms<T> target_terms(const RowArgs& a, int64_t y) {
   TargetTerms<T> t;
-  t.w = a.w ? at<T>(a.w, y) : T(1);
+  t.w = class_weight<T>(a, y);
   t.M = at<T>(a.mass, a.R ? y : 0);
   for (int64_t j = 0; j < a.K; ++j) t.M += sparse_rw<T>(a, y, j);
   return t;
@@ -263,16 +267,18 @@ FLS_HD T row_lambda(const RowArgs& a, int64_t i) {
 }
 
 // W_i, the row's weight in "mean"'s denominator: w_ya (λ·w_ya + (1 − λ)·w_yb with mixup), 0 on
-// ignored rows. It needs only the targets, so Σ W_i is known before any logit is read.
+// ignored rows. It needs only the targets, so Σ W_i is known before any logit is read; the
+// finalisation and the gradient form it from the target weights they already hold.
+template <typename T>
+FLS_HD T mixed_weight(T lam, T wa, T wb) {
+  return lam * wa + (T(1) - lam) * wb;
+}
 template <typename T>
 FLS_HD T row_weight(const RowArgs& a, int64_t i) {
   const int64_t ya = a.y_a[i];
   if (ya == a.ignore_index) return T(0);
-  const T wa = a.w ? at<T>(a.w, ya) : T(1);
-  if (!a.y_b) return wa;
-  const T lam = row_lambda<T>(a, i);
-  const T wb = a.w ? at<T>(a.w, a.y_b[i]) : T(1);
-  return lam * wa + (T(1) - lam) * wb;
+  const T wa = class_weight<T>(a, ya);
+  return a.y_b ? mixed_weight(row_lambda<T>(a, i), wa, class_weight<T>(a, a.y_b[i])) : wa;
 }
 
 // One dense smoothing row R_y,c over the local columns c: scale · p[c], or the constant scale
@@ -424,12 +430,13 @@ FLS_HD Final<T> finalize_row(const RowArgs& a, int64_t i, const Stats<T>& st) {
   f.eps = eps;
   const TargetTerms<T> ta = target_terms<T>(a, ya);
   T loss = wmul(ta.w * (T(1) - eps), f.lse - st.za) + wmul(eps, ta.M * f.lse - st.Da);
-  const T W = row_weight<T>(a, i);
+  T W = ta.w;  // row_weight
   if (a.y_b) {
     const T lam = row_lambda<T>(a, i);
     const TargetTerms<T> tb = target_terms<T>(a, a.y_b[i]);
     const T lb = wmul(tb.w * (T(1) - eps), f.lse - st.zb) + wmul(eps, tb.M * f.lse - st.Db);
     loss = wmul(lam, loss) + wmul(T(1) - lam, lb);
+    W = mixed_weight(lam, ta.w, tb.w);
   }
   if (a.z_loss != 0) loss += T(a.z_loss) * W * f.lse * f.lse;
   if (a.cp != 0) loss -= T(a.cp) * W * (f.lse - f.pz);
@@ -453,9 +460,11 @@ FLS_HD Coefs<T> grad_coefs(const RowArgs& a, int64_t i, T lse, T eps, T go) {
   const int64_t ya = a.y_a[i];
   if (ya == a.ignore_index) return k;
   const TargetTerms<T> ta = target_terms<T>(a, ya);
+  T W = ta.w;  // row_weight
   if (a.y_b) {
     const T lam = row_lambda<T>(a, i);
     const TargetTerms<T> tb = target_terms<T>(a, a.y_b[i]);
+    W = mixed_weight(lam, ta.w, tb.w);
     k.coef = lam * (ta.w * (T(1) - eps) + eps * ta.M) +
              (T(1) - lam) * (tb.w * (T(1) - eps) + eps * tb.M);
     k.t_a = lam * ta.w * (T(1) - eps);
@@ -471,7 +480,6 @@ FLS_HD Coefs<T> grad_coefs(const RowArgs& a, int64_t i, T lse, T eps, T go) {
     k.u_a = eps;
     k.sp_a = eps;
   }
-  const T W = row_weight<T>(a, i);
   if (a.z_loss != 0) k.coef += T(2) * T(a.z_loss) * W * lse;
   if (a.cp != 0) k.gamma = T(a.cp) * W;
   k.coef = scaled(k.coef, go);
