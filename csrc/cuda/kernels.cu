@@ -448,9 +448,13 @@ __device__ double block_sum_rows(int64_t N, F value) {
 
 // Σ W_i from the targets alone (rowmath::row_weight, the W_i finalisation writes) into the pack's
 // totals row, summed as reduce_kernel sums them: "mean"'s denominator before the rows are read.
+// It is the first kernel to read the targets: they are validated here, before w[y] is read.
 template <typename acc_t>
 __global__ void weights_kernel(KParams p) {
-  const double sw = block_sum_rows(p.N, [&](int64_t i) { return double(rm::row_weight<acc_t>(p, i)); });
+  const double sw = block_sum_rows(p.N, [&](int64_t i) {
+    validate_row<acc_t>(p, i);
+    return double(rm::row_weight<acc_t>(p, i));
+  });
   if (threadIdx.x == 0) ptr<acc_t>(p.pack)[p.N * kWidth + 0] = static_cast<acc_t>(sw);
 }
 
@@ -460,7 +464,7 @@ template <typename acc_t>
 __global__ void reduce_kernel(KParams p) {
   const acc_t* pk = ptr<acc_t>(p.pack);
   const double sw = block_sum_rows(p.N, [&](int64_t i) { return double(pk[i * kWidth + P_W]); });
-  __syncthreads();  // block_sum_rows' shared buffer is reused by the second sum
+  __syncthreads();  // not needed by the buffers (one per lambda type); one barrier, kept for safety
   const double sl = block_sum_rows(p.N, [&](int64_t i) { return double(pk[i * kWidth + P_LOSS]); });
   if (threadIdx.x == 0) {
     acc_t* tot = ptr<acc_t>(p.pack) + p.N * kWidth;
