@@ -33,11 +33,17 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from common import Report, Timing, append_csv, header, interleaved  # noqa: E402
+from common import (  # noqa: E402
+    Report,
+    Timing,
+    append_csv,
+    header,
+    interleaved,
+    serving_backends,
+)
 
 import fused_ls  # noqa: E402
 from fused_ls import ConfidenceAdaptive, SparseSimilarity  # noqa: E402
-from fused_ls.backends import Request, reasons_for  # noqa: E402
 
 EPS = 0.1
 SIZES = [(64, 10), (256, 100), (256, 1000), (1024, 1000), (8192, 1000)]
@@ -74,11 +80,6 @@ def modes(C: int, N: int, device, dense: bool = True) -> dict[str, dict]:
         }
     )
     return out
-
-
-def backends_for(device: torch.device) -> list[str]:
-    req = Request(device.type, torch.float32)
-    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
 
 
 def step_fn(x, y, backend: str | None, kw: dict):
@@ -159,7 +160,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    names = backends_for(dev)
+    names = serving_backends(dev, torch.float32)
     report = Report(os.path.join(args.out, "overhead.md"))
     report(header("fused_ls: the fixed cost per call (benchmarks/bench_overhead.py)", dev))
     rows = []

@@ -58,7 +58,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import append_csv, timed  # noqa: E402
+from common import append_csv, serving_backends, timed  # noqa: E402
 
 N_ROWS = 16384
 VOCABS = (32000, 128256, 256000)
@@ -234,9 +234,6 @@ def measure(fn, base, y, reps, inplace, ref_loss, forward_only=False):
 
 def _methods(dtype, backends, compile_it):
     """(name, fn, in place, forward only, FUSED_LS_GRAD_IN_FORWARD) of one shape's rows."""
-    import fused_ls
-    from fused_ls.backends import Request, reasons_for
-
     methods = [("eager F.cross_entropy", eager_ce, False, False, None)]
     if compile_it:
         methods.append(
@@ -246,9 +243,7 @@ def _methods(dtype, backends, compile_it):
     liger = liger_ce()
     if liger is not None:
         methods.append(("Liger-Kernel CE (in place)", liger, True, False, None))
-    req = Request("cuda", dtype, False, False)
-    names = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
-    for b in names:
+    for b in backends or serving_backends("cuda", dtype):
         if b == "torch":  # the reference path: one row is enough
             methods.append((f"fused_ls[{b}]", fused(b, False), False, False, None))
             continue
@@ -349,14 +344,11 @@ def kernel_counts(backends: list[str] | None) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     import fused_ls
-    from fused_ls.backends import Request, reasons_for
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x0 = torch.randn(256, 32000, device="cuda", dtype=torch.bfloat16, generator=gen)
     y = torch.randint(0, 32000, (256,), device="cuda", generator=gen)
-    names = backends or [
-        b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, Request("cuda", torch.bfloat16))
-    ]
+    names = backends or serving_backends("cuda", torch.bfloat16)
     fns = {"F.cross_entropy": (lambda x: F.cross_entropy(x, y, label_smoothing=SMOOTHING), None)}
     liger = liger_ce()
     if liger is not None:
@@ -594,10 +586,7 @@ def main() -> int:
     if "kernels" in sections:
         print("\n## kernels per call\n", flush=True)
         _report(kernel_counts, backends)
-    from fused_ls.backends import Request, reasons_for
-
-    req = Request("cuda", torch.bfloat16, False, False)
-    gpu = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
+    gpu = backends or serving_backends("cuda", torch.bfloat16)
     if "small" in sections:
         print("\n## fixed cost: wall-clock fwd+bwd per call at small sizes\n", flush=True)
         _report(small_sizes, gpu)
