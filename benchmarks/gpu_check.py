@@ -58,7 +58,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import append_csv, serving_backends, timed  # noqa: E402
+from common import append_csv, peak_extra_bytes, serving_backends, timed  # noqa: E402
 
 N_ROWS = 16384
 VOCABS = (32000, 128256, 256000)
@@ -223,12 +223,7 @@ def measure(fn, base, y, reps, inplace, ref_loss, forward_only=False):
     del g
     ms = time_cuda(lambda: step(), reps, setup=reset)
     reset()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    loss, g = step()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    extra = peak_extra_bytes(step, torch.device("cuda"))
     return ms, extra, rel
 
 
@@ -460,15 +455,9 @@ def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str
             ms = time_cuda(fn, reps)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            grads = fn()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            del grads
-            lines.append(
-                f"| {name} | {ms:.1f} | {peak / 2**30:.2f} | {(peak - before) / 2**30:.2f} |"
-            )
+            extra = peak_extra_bytes(fn, torch.device("cuda"))
+            peak = torch.cuda.max_memory_allocated()  # since peak_extra_bytes reset it
+            lines.append(f"| {name} | {ms:.1f} | {peak / 2**30:.2f} | {extra / 2**30:.2f} |")
         except torch.cuda.OutOfMemoryError:
             lines.append(f"| {name} | OOM | |")
         torch.cuda.empty_cache()
