@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -181,22 +182,13 @@ def liger_ce():
     return lambda x, y: loss(x, y)
 
 
-class GradInForward:
-    """FUSED_LS_GRAD_IN_FORWARD for the calls made inside (1: the gradient in the forward, one
-    pass; 0: statistics in the forward, the gradient in the backward)."""
+def grad_in_forward(on: bool | None):
+    """A context in which ``FUSED_LS_GRAD_IN_FORWARD`` is 1 (``on``: the gradient in the forward,
+    one pass) or 0 (statistics in the forward, the gradient in the backward), or left as it is
+    (None); the environment is restored on exit."""
+    from fused_ls.backends.registry import GRAD_IN_FORWARD_ENV
 
-    def __init__(self, on: bool | None):
-        self.value = None if on is None else str(int(on))
-
-    def __enter__(self):
-        self.saved = os.environ.get("FUSED_LS_GRAD_IN_FORWARD")
-        if self.value is not None:
-            os.environ["FUSED_LS_GRAD_IN_FORWARD"] = self.value
-
-    def __exit__(self, *exc):
-        os.environ.pop("FUSED_LS_GRAD_IN_FORWARD", None)
-        if self.saved is not None:
-            os.environ["FUSED_LS_GRAD_IN_FORWARD"] = self.saved
+    return mock.patch.dict(os.environ, {} if on is None else {GRAD_IN_FORWARD_ENV: str(int(on))})
 
 
 def measure(fn, base, y, reps, inplace, ref_loss, forward_only=False):
@@ -265,7 +257,7 @@ def run_bench(reps, out_dir, backends, vocabs=VOCABS, compiled="bf16,fp32") -> l
             for name, fn, inplace, fwd_only, on in methods:
                 t0 = time.perf_counter()
                 try:
-                    with GradInForward(on):
+                    with grad_in_forward(on):
                         ms, extra, rel = measure(fn, base, y, reps, inplace, ref_loss, fwd_only)
                     err = ""
                 except torch.cuda.OutOfMemoryError:
@@ -357,7 +349,7 @@ def kernel_counts(backends: list[str] | None) -> str:
     lines = ["| method | CUDA kernels per fwd+bwd | ops dispatched |", "|---|---:|---:|"]
     for name, (fn, on) in fns.items():
         x = x0.clone().requires_grad_(True)
-        with GradInForward(on):
+        with grad_in_forward(on):
             fn(x).backward()  # warm-up
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
