@@ -6,8 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow bench bench-full bench-parallel microbench lint format info clean install-check
-.PHONY: docs
+.PHONY: venv test test-slow bench bench-full bench-parallel microbench lint format info clean install-check docs
 
 venv: $(STAMP)
 

@@ -46,10 +46,10 @@ from common import (  # noqa: E402
     header,
     interleaved,
     peak_extra_bytes,
+    serving_backends,
 )
 
 import fused_ls  # noqa: E402
-from fused_ls.backends import Request, reasons_for  # noqa: E402
 
 EPS = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,12 +65,6 @@ def parse_config(spec: str) -> tuple[int, int, torch.dtype, str]:
     shape, dt = spec.split(":")
     N, V = (int(v) for v in shape.split("x"))
     return N, V, DTYPES[dt], dt
-
-
-def serving_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The fused_ls backends that can serve uniform smoothing on this device and dtype."""
-    req = Request(device.type, dtype, False, False)
-    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
 
 
 def run_loss(

@@ -18,7 +18,7 @@ profiler: events named ``aten::*`` or ``fused_ls::*`` (nested ones included: an 
 another counts twice; the autograd engine's own events do not count). On CUDA these are the
 kernel launches' upper bound. The markdown is kept in ``<out>/overhead.md`` and the rows are
 appended to ``<out>/overhead.csv`` with the machine and versions. ``make bench`` (``headline.py``)
-runs the 256×1000 row (``uniform_size``).
+runs the 256×1000 row (``call_costs``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,17 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from common import Report, Timing, append_csv, header, interleaved  # noqa: E402
+from common import (  # noqa: E402
+    Report,
+    Timing,
+    append_csv,
+    header,
+    interleaved,
+    serving_backends,
+)
 
 import fused_ls  # noqa: E402
 from fused_ls import ConfidenceAdaptive, SparseSimilarity  # noqa: E402
-from fused_ls.backends import Request, reasons_for  # noqa: E402
 
 EPS = 0.1
 SIZES = [(64, 10), (256, 100), (256, 1000), (1024, 1000), (8192, 1000)]
@@ -74,11 +80,6 @@ def modes(C: int, N: int, device, dense: bool = True) -> dict[str, dict]:
         }
     )
     return out
-
-
-def backends_for(device: torch.device) -> list[str]:
-    req = Request(device.type, torch.float32)
-    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
 
 
 def step_fn(x, y, backend: str | None, kw: dict):
@@ -121,14 +122,17 @@ def op_count(fn) -> int:
     return sum(1 for e in prof.events() if e.name.startswith(("aten::", "fused_ls::")))
 
 
-def uniform_size(N: int, C: int, dev, names: list[str], rounds: int) -> dict[str, tuple]:
-    """{"F.cross_entropy" or backend: (Timing, ops per call)} of uniform ε at N × C, interleaved
-    over ``rounds`` rounds."""
-    g = torch.Generator().manual_seed(1)
+def call_costs(
+    N: int, C: int, dev, names: list[str], rounds: int, kw: dict | None = None, seed: int = 1
+) -> dict[str, tuple[Timing, int]]:
+    """{"F.cross_entropy" or backend: (Timing, ops per call)} of one forward+backward at N × C,
+    interleaved over ``rounds`` rounds: F.cross_entropy with uniform ε, each backend with the
+    keywords ``kw`` of a mode (default: uniform ε); the logits and targets drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C, generator=g).to(dev).requires_grad_(True)
     y = torch.randint(0, C, (N,), generator=g).to(dev)
     fns = {"F.cross_entropy": step_fn(x, y, None, {})}
-    fns.update({b: step_fn(x, y, b, {}) for b in names})
+    fns.update({b: step_fn(x, y, b, kw or {}) for b in names})
     t = interleaved(fns, rounds, dev, warmup=3)
     return {k: (t[k], op_count(f)) for k, f in fns.items()}
 
@@ -139,8 +143,8 @@ def csv_row(mode: str, N: int, C: int, method: str, t: Timing, ops: int) -> dict
 
 
 def size_rows(N: int, C: int, res: dict, stat: str) -> tuple[str, list[dict]]:
-    """A markdown table row of ``uniform_size``'s result (``stat``: "min" or "median") and the
-    CSV rows."""
+    """A markdown table row of ``call_costs``'s result for uniform ε (``stat``: "min" or
+    "median") and the CSV rows."""
     base = getattr(res["F.cross_entropy"][0], stat)
     cells = [f"{base * 1e3:.3f} ms ({res['F.cross_entropy'][1]} ops)"]
     rows = []
@@ -159,7 +163,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    names = backends_for(dev)
+    names = serving_backends(dev, torch.float32)
     report = Report(os.path.join(args.out, "overhead.md"))
     report(header("fused_ls: the fixed cost per call (benchmarks/bench_overhead.py)", dev))
     rows = []
@@ -169,7 +173,7 @@ def main() -> int:
     report("|" + "---|" * (2 + len(names)))
     for N, C in SIZES:
         rounds = max(5, args.rounds * 256 * 100 // max(N * C, 256 * 100))
-        line, r = size_rows(N, C, uniform_size(N, C, dev, names, rounds), "median")
+        line, r = size_rows(N, C, call_costs(N, C, dev, names, rounds), "median")
         report(line)
         rows += r
 
@@ -177,19 +181,14 @@ def main() -> int:
     report(f"\n## every mode at {N} × {C}: time / uniform F.cross_entropy (ops per call)\n")
     report("| mode | " + " | ".join(f"`{b}`" for b in names) + " |")
     report("|" + "---|" * (1 + len(names)))
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(N, C, generator=g).to(dev).requires_grad_(True)
-    y = torch.randint(0, C, (N,), generator=g).to(dev)
     for mode, kw in modes(C, N, dev).items():
-        fns = {"F.cross_entropy": step_fn(x, y, None, {})}
-        fns.update({b: step_fn(x, y, b, kw) for b in names})
-        t = interleaved(fns, args.rounds, dev, warmup=3)
-        base = t["F.cross_entropy"].median
+        res = call_costs(N, C, dev, names, args.rounds, kw, seed=2)
+        base = res["F.cross_entropy"][0].median
         cells = []
         for b in names:
-            n_ops = op_count(fns[b])
-            cells.append(f"{t[b].median / base:.2f}× ({n_ops})")
-            rows.append(csv_row(mode, N, C, b, t[b], n_ops))
+            t, n_ops = res[b]
+            cells.append(f"{t.median / base:.2f}× ({n_ops})")
+            rows.append(csv_row(mode, N, C, b, t, n_ops))
         report(f"| {mode} | " + " | ".join(cells) + " |")
 
     append_csv(os.path.join(args.out, "overhead.csv"), rows, dev)

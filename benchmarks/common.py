@@ -6,7 +6,8 @@ Used by ``headline.py`` (``make bench``), ``bench.py``, ``bench_overhead.py``, `
 
 - **Machine**: ``device_name`` (the GPU's name, or the CPU model and the thread count),
   ``versions`` (python, torch, fused_ls, triton, transformers: those importable),
-  ``load_average``, ``utc_stamp``.
+  ``load_average``, ``utc_stamp``; ``serving_backends`` (the fused_ls backends that serve a
+  device and dtype: the one function that imports fused_ls, when called).
 - **Timing**: ``interleaved`` runs several variants in turn, round by round (so that the drift
   of a shared machine hits them alike), after untimed warm-up calls (``torch.compile``'s
   compilation among them), with an untimed ``setup`` per variant (e.g. restoring logits that an
@@ -87,6 +88,17 @@ def utc_stamp() -> str:
 def command_line() -> str:
     """The command that runs this process, as typed (relative script path)."""
     return "python " + shlex.join(sys.argv)
+
+
+def serving_backends(device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """The fused_ls backends that can serve uniform smoothing (no similarity) on tensors of this
+    device and dtype in this process, in ``fused_ls.BACKEND_NAMES`` order. (fused_ls is imported
+    here, not at the top: importing this module does not import it.)"""
+    import fused_ls
+    from fused_ls.backends import Request, reasons_for
+
+    req = Request(torch.device(device).type, dtype)
+    return [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
 
 
 # ---- timing ------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,7 +59,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import append_csv, timed  # noqa: E402
+from common import append_csv, peak_extra_bytes, serving_backends, timed  # noqa: E402
 
 N_ROWS = 16384
 VOCABS = (32000, 128256, 256000)
@@ -181,22 +182,13 @@ def liger_ce():
     return lambda x, y: loss(x, y)
 
 
-class GradInForward:
-    """FUSED_LS_GRAD_IN_FORWARD for the calls made inside (1: the gradient in the forward, one
-    pass; 0: statistics in the forward, the gradient in the backward)."""
+def grad_in_forward(on: bool | None):
+    """A context in which ``FUSED_LS_GRAD_IN_FORWARD`` is 1 (``on``: the gradient in the forward,
+    one pass) or 0 (statistics in the forward, the gradient in the backward), or left as it is
+    (None); the environment is restored on exit."""
+    from fused_ls.backends.registry import GRAD_IN_FORWARD_ENV
 
-    def __init__(self, on: bool | None):
-        self.value = None if on is None else str(int(on))
-
-    def __enter__(self):
-        self.saved = os.environ.get("FUSED_LS_GRAD_IN_FORWARD")
-        if self.value is not None:
-            os.environ["FUSED_LS_GRAD_IN_FORWARD"] = self.value
-
-    def __exit__(self, *exc):
-        os.environ.pop("FUSED_LS_GRAD_IN_FORWARD", None)
-        if self.saved is not None:
-            os.environ["FUSED_LS_GRAD_IN_FORWARD"] = self.saved
+    return mock.patch.dict(os.environ, {} if on is None else {GRAD_IN_FORWARD_ENV: str(int(on))})
 
 
 def measure(fn, base, y, reps, inplace, ref_loss, forward_only=False):
@@ -223,20 +215,12 @@ def measure(fn, base, y, reps, inplace, ref_loss, forward_only=False):
     del g
     ms = time_cuda(lambda: step(), reps, setup=reset)
     reset()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    loss, g = step()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    extra = peak_extra_bytes(step, torch.device("cuda"))
     return ms, extra, rel
 
 
 def _methods(dtype, backends, compile_it):
     """(name, fn, in place, forward only, FUSED_LS_GRAD_IN_FORWARD) of one shape's rows."""
-    import fused_ls
-    from fused_ls.backends import Request, reasons_for
-
     methods = [("eager F.cross_entropy", eager_ce, False, False, None)]
     if compile_it:
         methods.append(
@@ -246,9 +230,7 @@ def _methods(dtype, backends, compile_it):
     liger = liger_ce()
     if liger is not None:
         methods.append(("Liger-Kernel CE (in place)", liger, True, False, None))
-    req = Request("cuda", dtype, False, False)
-    names = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
-    for b in names:
+    for b in backends or serving_backends("cuda", dtype):
         if b == "torch":  # the reference path: one row is enough
             methods.append((f"fused_ls[{b}]", fused(b, False), False, False, None))
             continue
@@ -275,7 +257,7 @@ def run_bench(reps, out_dir, backends, vocabs=VOCABS, compiled="bf16,fp32") -> l
             for name, fn, inplace, fwd_only, on in methods:
                 t0 = time.perf_counter()
                 try:
-                    with GradInForward(on):
+                    with grad_in_forward(on):
                         ms, extra, rel = measure(fn, base, y, reps, inplace, ref_loss, fwd_only)
                     err = ""
                 except torch.cuda.OutOfMemoryError:
@@ -349,14 +331,11 @@ def kernel_counts(backends: list[str] | None) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     import fused_ls
-    from fused_ls.backends import Request, reasons_for
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x0 = torch.randn(256, 32000, device="cuda", dtype=torch.bfloat16, generator=gen)
     y = torch.randint(0, 32000, (256,), device="cuda", generator=gen)
-    names = backends or [
-        b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, Request("cuda", torch.bfloat16))
-    ]
+    names = backends or serving_backends("cuda", torch.bfloat16)
     fns = {"F.cross_entropy": (lambda x: F.cross_entropy(x, y, label_smoothing=SMOOTHING), None)}
     liger = liger_ce()
     if liger is not None:
@@ -370,7 +349,7 @@ def kernel_counts(backends: list[str] | None) -> str:
     lines = ["| method | CUDA kernels per fwd+bwd | ops dispatched |", "|---|---:|---:|"]
     for name, (fn, on) in fns.items():
         x = x0.clone().requires_grad_(True)
-        with GradInForward(on):
+        with grad_in_forward(on):
             fn(x).backward()  # warm-up
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -468,15 +447,9 @@ def linear_head(reps: int, backends: list[str], chunks: list[int | None]) -> str
             ms = time_cuda(fn, reps)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            grads = fn()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            del grads
-            lines.append(
-                f"| {name} | {ms:.1f} | {peak / 2**30:.2f} | {(peak - before) / 2**30:.2f} |"
-            )
+            extra = peak_extra_bytes(fn, torch.device("cuda"))
+            peak = torch.cuda.max_memory_allocated()  # since peak_extra_bytes reset it
+            lines.append(f"| {name} | {ms:.1f} | {peak / 2**30:.2f} | {extra / 2**30:.2f} |")
         except torch.cuda.OutOfMemoryError:
             lines.append(f"| {name} | OOM | |")
         torch.cuda.empty_cache()
@@ -594,10 +567,7 @@ def main() -> int:
     if "kernels" in sections:
         print("\n## kernels per call\n", flush=True)
         _report(kernel_counts, backends)
-    from fused_ls.backends import Request, reasons_for
-
-    req = Request("cuda", torch.bfloat16, False, False)
-    gpu = backends or [b for b in fused_ls.BACKEND_NAMES if not reasons_for(b, req)]
+    gpu = backends or serving_backends("cuda", torch.bfloat16)
     if "small" in sections:
         print("\n## fixed cost: wall-clock fwd+bwd per call at small sizes\n", flush=True)
         _report(small_sizes, gpu)

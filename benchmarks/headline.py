@@ -13,7 +13,7 @@ backend that ``backend="auto"`` picks:
     write; a read of them: ``x.sum()``); the variants take turns round by round, and the minimum
     of ``--rounds`` rounds is reported (the median beside it);
 (b) the fixed cost per call at one classifier size (256 × 1000 fp32, forward+backward:
-    time and ops dispatched per call against ``F.cross_entropy``), ``bench_overhead.uniform_size``;
+    time and ops dispatched per call against ``F.cross_entropy``), ``bench_overhead.call_costs``;
 (c) the fused LM head at one size (CPU: 4096 × 128 × 32000 fp32; CUDA: 16384 × 4096 × 128256
     bf16) against the three matmuls, eager and ``torch.compile``: time and extra memory,
     ``bench_linear.run_config``.
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     N, C = sizes["classifier"]
     b = auto_backend(device, torch.float32, N * C)
     clock.sub("(b) fixed cost")(f"{N} × {C} fp32, {CLASSIFIER_ROUNDS} interleaved rounds")
-    res = bench_overhead.uniform_size(N, C, device, [b], CLASSIFIER_ROUNDS)
+    res = bench_overhead.call_costs(N, C, device, [b], CLASSIFIER_ROUNDS)
     report(
         f"\n## (b) The fixed cost per call: {N} × {C} fp32, forward+backward, min and median of "
         f"{CLASSIFIER_ROUNDS} interleaved rounds\n"

@@ -222,24 +222,31 @@ def test_every_compiled_isa(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_gradient_rounds_to_nearest_even(dtype, monkeypatch):
     """The gradient is rounded once from fp32 to bf16/fp16, to nearest even, on every compiled
-    path: also fp32 denormals (which AVX512-BF16's conversion instruction would flush to zero:
-    the kernels convert such a group of 32 the portable way). Checked through rescale's in-place
-    scaling, whose only rounding is that of the store: out = round(go · out)."""
+    path: also denormals of the format (bf16's are fp32's, which AVX512-BF16's conversion
+    instruction would flush to zero: the kernels convert such a group of 32 the portable way).
+    Checked through rescale's in-place scaling, whose only rounding is that of the store:
+    out = round(go · out), the product exact in fp32 (it needs at most 21 bits)."""
     from fused_ls.backends import cpp_backend
 
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(dtype).tiny  # the smallest normal: fp32's for bf16, fp16's own for fp16
     g = torch.Generator().manual_seed(3)
     vals = torch.randn(3, 4099, generator=g)
-    vals[0] *= tiny * 64  # fp32 denormals (a few bf16/fp16 steps apart) and normals below
-    vals[1] = vals[1].abs() + 1  # normal numbers, exactly halfway cases included below
-    vals[2, :64] = 1 + torch.arange(64) * 2.0**-8  # × (1 + 2⁻⁹): ties between bf16 neighbours
+    # The ties (products halfway between two neighbours of the format, about a third of rows 0
+    # and 1) come from go = 1.5 and 0.75, which add one or two bits to the inputs' mantissas.
+    vals[0] *= tiny * 64  # ~64·tiny: normals down to the denormals, ~28 products below tiny
+    vals[1] = vals[1].abs() + 1  # normal numbers in [1, 5)
+    # × (1 + 2⁻⁹): products a little above an input. In bf16 that is less than half a step: all
+    # round down, no ties; in fp16 some round up, and a few (mantissa 1.25 or 1.75) are ties. (The
+    # first 64 inputs are bf16/fp16 values of 1 + k·2⁻⁸ in fp32, rounded by PyTorch, not by us.)
+    vals[2, :64] = 1 + torch.arange(64) * 2.0**-8
     x, y, _ = make_data(3, 4099, dtype)
     p = problem(x, y, reduction="none")
     go = torch.tensor([1.5, 0.75, 1.0 + 2.0**-9])
+    want = (vals.to(dtype).float() * go[:, None]).to(dtype)  # PyTorch's round-to-nearest-even
+    assert ((want[0] != 0) & (want[0].abs() < tiny)).sum() >= 10  # denormals to round
     for isa in cpp_backend.isas():
         monkeypatch.setenv("FUSED_LS_CPU_ISA", isa)
         out = vals.to(dtype)
-        want = (out.float() * go[:, None]).to(dtype)  # PyTorch's own round-to-nearest-even
         fused_ls.backends.get("cpp").rescale(go, out, out, torch.zeros(4, 8), p)
         assert torch.equal(out, want), isa  # (by value: the kernels' zero is +0)
 

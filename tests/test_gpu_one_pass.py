@@ -8,6 +8,8 @@ rows that need one CTA, several and more than eight, and no host synchronisation
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import SIMILARITY_MAX_C, SIMILARITY_MODES, kw_to, make_case
@@ -18,7 +20,6 @@ from fused_ls.backends import Request, reasons_for
 
 pytestmark = pytest.mark.cuda
 
-GPU_BACKENDS = ["triton", "cuda"]
 # (backend, environment): the one-pass path of each backend, and CUDA C++'s cluster kernel
 PATHS = [
     ("triton", {}),
@@ -30,8 +31,9 @@ PATHS = [
 @pytest.fixture(params=PATHS, ids=lambda p: p[0] + ("-cluster" if p[1] else ""))
 def path(request, monkeypatch):
     backend, env = request.param
-    if reasons_for(backend, Request("cuda", torch.float32)):
-        pytest.skip(f"{backend} cannot serve CUDA tensors here")
+    why = reasons_for(backend, Request("cuda", torch.float32))
+    if why:  # (as tests/test_cuda.py: on a CUDA machine a backend that cannot serve is a failure)
+        pytest.fail(f"{backend} cannot serve CUDA tensors on a CUDA machine: " + "; ".join(why))
     if env and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the cluster kernel needs sm_90")
     monkeypatch.setenv("FUSED_LS_GRAD_IN_FORWARD", "1")
@@ -55,22 +57,17 @@ MODE_NAMES = [
 ]
 
 
-_REFERENCE: dict = {}
-
-
+@functools.cache
 def _reference(N, C, dtype, mode, reduction):
-    """(loss, gradient for the upstream go, go) in float64 on the CPU, once per case (every path
-    is compared with the same one)."""
-    key = (N, C, dtype, mode, reduction)
-    if key not in _REFERENCE:
-        x, y, kw = make_case(mode, N, C, dtype)
-        xd = x.double().requires_grad_(True)
-        ref = reference.cross_entropy(xd, y, reduction=reduction, **kw)
-        g = torch.Generator().manual_seed(1)
-        go = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
-        (rg,) = torch.autograd.grad(ref, xd, go)
-        _REFERENCE[key] = (ref.detach(), rg, go, float(x.abs().max()))
-    return _REFERENCE[key]
+    """(loss, gradient for the upstream go, go, max |x|) in float64 on the CPU, once per case
+    (every path is compared with the same one)."""
+    x, y, kw = make_case(mode, N, C, dtype)
+    xd = x.double().requires_grad_(True)
+    ref = reference.cross_entropy(xd, y, reduction=reduction, **kw)
+    g = torch.Generator().manual_seed(1)
+    go = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
+    (rg,) = torch.autograd.grad(ref, xd, go)
+    return ref.detach(), rg, go, float(x.abs().max())
 
 
 @pytest.mark.parametrize(("N", "C"), SHAPES)

@@ -113,49 +113,6 @@ def test_uniform_equals_pytorch(backend, reduction):
         torch.testing.assert_close(a.grad, c.grad)
 
 
-def _tiny():
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
-    return x, w, b, torch.tensor([0, 4, -100, 2])
-
-
-def test_gradcheck_none():
-    x, w, b, y = _tiny()
-
-    def f(x, w, b):
-        return llsce(x, w, y, 0.2, linear_bias=b, reduction="none", chunk_size=3, z_loss=1e-2)
-
-    torch.autograd.gradcheck(f, (x, w, b))
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_finite_differences(reduction):
-    """gradcheck runs the backward twice on one graph, which "mean"/"sum" refuse (their
-    gradients are computed in the forward and consumed): central differences instead, every
-    coordinate of x, W and b, a fresh forward each time."""
-    x, w, b, y = _tiny()
-
-    def f(x, w, b):
-        return llsce(x, w, y, 0.2, linear_bias=b, reduction=reduction, chunk_size=3, z_loss=1e-2)
-
-    analytic = torch.autograd.grad(f(x, w, b), (x, w, b))
-    h = 1e-6
-    with torch.no_grad():
-        for t, grad in zip((x, w, b), analytic, strict=True):
-            numeric = torch.empty_like(t)
-            for i in range(t.numel()):
-                orig = t.view(-1)[i].item()
-                t.view(-1)[i] = orig + h
-                up = f(x, w, b)
-                t.view(-1)[i] = orig - h
-                down = f(x, w, b)
-                t.view(-1)[i] = orig
-                numeric.view(-1)[i] = (up - down) / (2 * h)
-            torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-8)
-
-
 def test_tied_weights_accumulate():
     """The head's weight is also the embedding: both uses' gradients add up."""
     g = torch.Generator().manual_seed(5)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backends, make_data
+from helpers import TOL, backends, make_data
 
 import fused_ls
 
 BACKENDS = backends("cpu", interpreted_triton=True)
-TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
 
 def best_dtype(backend: str, dense=False, sparse=False) -> torch.dtype:
@@ -53,7 +52,8 @@ def grad_of(fn, x):
 
 
 def assert_close(ours, ref, dtype):
-    torch.testing.assert_close(ours, ref.to(ours.dtype), **TOL[dtype])
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=rtol, atol=atol)
 
 
 def data(N=13, C=7, dtype=torch.float32, seed=0, scale=3.0):
