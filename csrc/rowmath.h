@@ -269,9 +269,16 @@ FLS_HD T row_lambda(const RowArgs& a, int64_t i) {
 // W_i, the row's weight in "mean"'s denominator: w_ya (λ·w_ya + (1 − λ)·w_yb with mixup), 0 on
 // ignored rows. It needs only the targets, so Σ W_i is known before any logit is read; the
 // finalisation and the gradient form it from the target weights they already hold.
+// On the GPU the one fused multiply-add is written out, so that every kernel rounds it alike (the
+// compiler would otherwise choose which product to fuse by context: the Σ W_i pre-pass and the
+// finalisation could differ in the last bit); host compilers do not contract (ISO C++ mode).
 template <typename T>
 FLS_HD T mixed_weight(T lam, T wa, T wb) {
+#if defined(__CUDA_ARCH__)
+  return fma(lam, wa, (T(1) - lam) * wb);
+#else
   return lam * wa + (T(1) - lam) * wb;
+#endif
 }
 template <typename T>
 FLS_HD T row_weight(const RowArgs& a, int64_t i) {
