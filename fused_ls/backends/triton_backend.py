@@ -221,9 +221,11 @@ class TritonBackend(Backend):
 
     def _weights(self, v: dict, pack, loss) -> None:
         """Σ W_i into the pack's totals row before the rows are read ("mean" in forward_backward),
-        summed as the final reduction sums the finalised W_i."""
+        summed as the final reduction sums the finalised W_i. The first kernel of the call to read
+        the targets (W[y]): launched with the device asserts that check them."""
         k, _ = _load()
-        _launch(k._weights_kernel, (v["X"].shape[0],), {**v, "PACK": pack}, num_warps=1)
+        args = {**v, "PACK": pack}
+        _launch(k._weights_kernel, (v["X"].shape[0],), args, num_warps=1, **_ASSERTS)
         self._reduce(pack, loss, R_NONE)
 
     def _outputs(self, x, p: Problem):
