@@ -91,12 +91,12 @@ def _param_names(kernel) -> tuple[str, ...]:
 def _launch(kernel, grid, values: dict, **options) -> None:
     """``kernel[grid]`` with every parameter passed by keyword, taken by name from ``values`` (the
     arguments of one call: a superset of what any one kernel takes); a parameter that ``values``
-    lacks raises instead of shifting the others."""
-    names = _param_names(kernel)
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise TypeError(f"{kernel.fn.__name__}: no value for {missing}")
-    kernel[grid](**{n: values[n] for n in names}, **options)
+    lacks raises a TypeError naming it instead of shifting the others."""
+    try:
+        args = {n: values[n] for n in _param_names(kernel)}
+    except KeyError as e:  # the host path of every call: no second scan for the missing name
+        raise TypeError(f"{kernel.fn.__name__}: no value for parameter {e.args[0]!r}") from None
+    kernel[grid](**args, **options)
 
 
 def _call_values(x: torch.Tensor, p: Problem) -> dict:
