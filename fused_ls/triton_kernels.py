@@ -110,12 +110,8 @@ def _scaled(c, go):
 
 
 @triton.jit
-def _target_terms(y, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP: tl.constexpr):
-    # (w_y, M_y = ⟨r_y, w⟩): the precomputed dense part plus the sparse neighbours' masses
-    if HAS_W != 0:
-        w = tl.load(W + y)
-    else:
-        w = 1.0
+def _target_mass(y, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP: tl.constexpr):
+    # M_y = ⟨r_y, w⟩: the precomputed dense part plus the sparse neighbours' masses
     if DENSE:
         M = tl.load(MASS + y)
     else:
@@ -126,7 +122,28 @@ def _target_terms(y, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP: tl.constexpr)
     rw = tl.load(SP_VAL + y * K + j, mask=ok, other=0.0)
     if HAS_W != 0:
         rw = rw * tl.load(W + col, mask=ok, other=0.0)
-    return w, M + tl.sum(rw, 0)
+    return M + tl.sum(rw, 0)
+
+
+@triton.jit
+def _row_weight(y_a, y_b, has_mix, lam, W, HAS_W):
+    # (W_i, w_a, w_b): the targets' class weights and the row's weight W_i = w_a, or
+    # λ·w_a + (1 − λ)·w_b with mixup (w_b = w_a without), the one definition of W_i for the
+    # loss, the gradient and Σ W_i of "mean". The targets must have been checked (_targets).
+    # The fma is explicit so that every kernel rounds W_i alike (LLVM contracts a·b + c·d
+    # either way round depending on the code around it): Σ W_i of _weights_kernel is then
+    # exactly the Σ of the finalised W_i. It is the form the kernels compiled to before.
+    if HAS_W != 0:
+        w_a = tl.load(W + y_a)
+    else:
+        w_a = 1.0
+    w_b = w_a
+    Wt = w_a
+    if has_mix != 0:
+        if HAS_W != 0:
+            w_b = tl.load(W + y_b)
+        Wt = tl.fma(lam, w_a, (1.0 - lam) * w_b)
+    return Wt, w_a, w_b
 
 
 @triton.jit
@@ -226,14 +243,13 @@ def _finalize(
     c = tl.where(adaptive_mode == 1, conf, tl.exp(za - lse))
     raised = tl.minimum(eps * adaptive_factor, 1.0)
     eps = tl.where((adaptive_mode != 0) & (c < adaptive_threshold), raised, eps)
-    w_a, M_a = _target_terms(y_a, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
+    Wt, w_a, w_b = _row_weight(y_a, y_b, has_mix, lam, W, HAS_W)
+    M_a = _target_mass(y_a, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
     loss = _wmul(w_a * (1.0 - eps), lse - za) + _wmul(eps, M_a * lse - Da)
-    Wt = w_a
     if has_mix != 0:
-        w_b, M_b = _target_terms(y_b, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
+        M_b = _target_mass(y_b, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
         loss_b = _wmul(w_b * (1.0 - eps), lse - zb) + _wmul(eps, M_b * lse - Db)
         loss = _wmul(lam, loss) + _wmul(1.0 - lam, loss_b)
-        Wt = lam * w_a + (1.0 - lam) * w_b
     loss += tl.where(z_loss != 0.0, z_loss * Wt * lse * lse, 0.0)
     if NEED_PZ:
         loss -= cp * Wt * (lse - pz)
@@ -252,9 +268,10 @@ def _grad_coefs(
     # coef, γ, u_a, u_b, t_a, t_b (× go) and the sparse factors sp_a, sp_b (csrc/rowmath.h)
     if lam_rows_on != 0:
         lam = tl.load(LAM_ROWS + row)
-    w_a, M_a = _target_terms(y_a, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
+    Wt, w_a, w_b = _row_weight(y_a, y_b, has_mix, lam, W, HAS_W)
+    M_a = _target_mass(y_a, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
     if has_mix != 0:
-        w_b, M_b = _target_terms(y_b, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
+        M_b = _target_mass(y_b, W, MASS, SP_IDX, SP_VAL, K, HAS_W, DENSE, KP)
         coef = lam * (w_a * (1.0 - eps) + eps * M_a) + (1.0 - lam) * (w_b * (1.0 - eps) + eps * M_b)
         t_a = lam * w_a * (1.0 - eps)
         t_b = (1.0 - lam) * w_b * (1.0 - eps)
@@ -267,7 +284,6 @@ def _grad_coefs(
             u_b = 0.0
         sp_a = eps * lam
         sp_b = eps * (1.0 - lam)
-        Wt = lam * w_a + (1.0 - lam) * w_b
     else:
         coef = w_a * (1.0 - eps) + eps * M_a
         t_a = w_a * (1.0 - eps)
@@ -276,7 +292,6 @@ def _grad_coefs(
         u_b = 0.0
         sp_a = eps
         sp_b = 0.0
-        Wt = w_a
     coef += tl.where(z_loss != 0.0, 2.0 * z_loss * Wt * lse, 0.0)
     gamma = cp * Wt
     z = 0.0
@@ -720,32 +735,17 @@ def _scale_kernel(
 
 @triton.jit
 def _weights_kernel(
-    Y_A, Y_B, W, LAM_ROWS,  # targets [N], class weights, per-sample λ [N]
+    Y_A, Y_B, W, EPS_ROWS, LAM_ROWS,  # targets [N], class weights, per-sample ε / λ [N]
     PACK,  # *fp32 [N + 1, 8]: W_i into column 6 (then _reduce_kernel sums them into row N)
-    ignore_index, mix_lambda, lam_rows_on, has_mix, has_w,
+    num_classes, ignore_index, smoothing, mix_lambda, eps_rows_on, lam_rows_on, has_mix, has_w,
 ):  # fmt: skip
     # W_i (the weight of row i in "mean"'s denominator) from the targets alone, as _finalize
-    # computes it, so that Σ W_i is known before the rows of forward_backward are read.
+    # computes it, so that Σ W_i is known before the rows of forward_backward are read. The first
+    # kernel of such a call to read the targets: it checks them (device asserts) before W[y].
     row = tl.program_id(0).to(tl.int64)
-    y_a = tl.load(Y_A + row)
-    valid = y_a != ignore_index
-    y_a = tl.where(valid, y_a, 0)
-    if has_w != 0:
-        w_a = tl.load(W + y_a)
-    else:
-        w_a = 1.0
-    Wt = w_a
-    if has_mix != 0:
-        y_b = tl.where(valid, tl.load(Y_B + row), 0)
-        if has_w != 0:
-            w_b = tl.load(W + y_b)
-        else:
-            w_b = 1.0
-        if lam_rows_on != 0:
-            lam = tl.load(LAM_ROWS + row)
-        else:
-            lam = mix_lambda
-        Wt = lam * w_a + (1.0 - lam) * w_b
+    y_a, y_b, valid = _targets(Y_A, Y_B, row, ignore_index, num_classes)
+    _, lam = _row_eps_lam(row, EPS_ROWS, smoothing, eps_rows_on, LAM_ROWS, mix_lambda, lam_rows_on)
+    Wt, _, _ = _row_weight(y_a, y_b, has_mix, lam, W, has_w)
     tl.store(PACK + row * 8 + 6, tl.where(valid, Wt, 0.0))
 
 

@@ -332,3 +332,42 @@ def test_real_vocabularies_cuda(monkeypatch, c):
     x, y, g = make_data(n, c, torch.bfloat16, DEVICE)
     check_backend("triton", x, y, weight=class_weight(c, g, DEVICE), z_loss=1e-4)
     check_backend("triton", x, y, softcap=30.0, confidence_penalty=0.1)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's asserts stand in for CUDA's")
+@pytest.mark.parametrize("bad", ["target", "mix_target"])
+def test_first_kernel_to_read_a_target_checks_it(monkeypatch, bad):
+    """On CUDA the kernels check the targets (device asserts), with no Python check first. Here
+    that is emulated: Python's check off, the interpreter's device asserts on (they follow its
+    builder's debug option, off by default). For "mean" with the gradient in the forward the
+    first kernel is _weights_kernel (Σ W_i): it must stop at the bad target before it reads
+    W[y] out of bounds, with the message of _rows_kernel's check."""
+    from dataclasses import replace
+
+    from triton.runtime import interpreter
+
+    from fused_ls.backends import triton_backend
+
+    monkeypatch.setenv("FUSED_LS_GRAD_IN_FORWARD", "1")
+    monkeypatch.setattr(triton_backend, "validate", lambda p: None)
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", replace(builder.options, debug=True))
+    launched = []
+    launch = triton_backend._launch
+
+    def recording(kernel, *args, **kw):
+        launched.append((kernel.fn.__name__, kw.get("debug")))  # debug: CUDA's device asserts
+        launch(kernel, *args, **kw)
+
+    monkeypatch.setattr(triton_backend, "_launch", recording)
+    n, c = SHAPES[-1]
+    x, y, g = make_data(n, c, device=DEVICE, ignore=False)
+    y_b = (y + 1) % c
+    (y if bad == "target" else y_b)[2] = c
+    x.requires_grad_(True)
+    with pytest.raises(Exception, match=rf"fused_ls: {bad} out of \[0, num_classes\)"):
+        fused_ls.label_smoothing_cross_entropy(
+            x, y, weight=class_weight(c, g, DEVICE), mix_target=y_b, mix_lambda=0.3,
+            reduction="mean", backend="triton",
+        )  # fmt: skip
+    assert launched == [("_weights_kernel", True)]

@@ -91,12 +91,12 @@ def _param_names(kernel) -> tuple[str, ...]:
 def _launch(kernel, grid, values: dict, **options) -> None:
     """``kernel[grid]`` with every parameter passed by keyword, taken by name from ``values`` (the
     arguments of one call: a superset of what any one kernel takes); a parameter that ``values``
-    lacks raises instead of shifting the others."""
-    names = _param_names(kernel)
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise TypeError(f"{kernel.fn.__name__}: no value for {missing}")
-    kernel[grid](**{n: values[n] for n in names}, **options)
+    lacks raises a TypeError naming it instead of shifting the others."""
+    try:
+        args = {n: values[n] for n in _param_names(kernel)}
+    except KeyError as e:  # the host path of every call: no second scan for the missing name
+        raise TypeError(f"{kernel.fn.__name__}: no value for parameter {e.args[0]!r}") from None
+    kernel[grid](**args, **options)
 
 
 def _call_values(x: torch.Tensor, p: Problem) -> dict:
@@ -221,9 +221,11 @@ class TritonBackend(Backend):
 
     def _weights(self, v: dict, pack, loss) -> None:
         """Σ W_i into the pack's totals row before the rows are read ("mean" in forward_backward),
-        summed as the final reduction sums the finalised W_i."""
+        summed as the final reduction sums the finalised W_i. The first kernel of the call to read
+        the targets (W[y]): launched with the device asserts that check them."""
         k, _ = _load()
-        _launch(k._weights_kernel, (v["X"].shape[0],), {**v, "PACK": pack}, num_warps=1)
+        args = {**v, "PACK": pack}
+        _launch(k._weights_kernel, (v["X"].shape[0],), args, num_warps=1, **_ASSERTS)
         self._reduce(pack, loss, R_NONE)
 
     def _outputs(self, x, p: Problem):
