@@ -120,6 +120,11 @@ def specialisations():
         )
         out.append((label, "_merge_kernel", ce, dt, 1, True))
     out.append(("reduce", "_reduce_kernel", dict(BLOCK=tk.REDUCE_BLOCK), "fp32", 4, False))
+    # the one-pass path's Σ W_i pre-pass (device asserts: it reads the targets first) and the
+    # in-place rescale
+    out.append(("weights", "_weights_kernel", {}, "fp32", 1, True))
+    for dt in ("fp32", "bf16"):
+        out.append((f"scale {dt}", "_scale_kernel", dict(BLOCK=block), dt, warps, False))
     return out
 
 
