@@ -90,6 +90,22 @@ def _peft_type(name: str):
     return getattr(mod, attr, None) if mod is not None else None
 
 
+def peft_base(model: nn.Module) -> nn.Module:
+    """The model whose forward computes the logits, as transformers' ``unwrap_peft_model`` finds
+    it: a PEFT ``PeftModel``'s ``get_base_model()``, a ``PeftMixedModel``'s ``base_model.model``
+    (it has no ``get_base_model``; PEFT's forwards reach it through ``base_model.model.forward``
+    in both), else the model itself. PEFT is not imported (a PEFT model cannot exist without
+    it)."""
+    wrappers = tuple(
+        t for t in map(_peft_type, ("peft.PeftModel", "peft.PeftMixedModel")) if t is not None
+    )
+    if not wrappers or not isinstance(model, wrappers):
+        return model
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model.base_model.model
+
+
 def active_module(owner, head: nn.Module) -> nn.Module:
     """The module whose call computes the logits: PEFT's ``ModulesToSaveWrapper`` forwards to the
     active adapter's copy (or the original when adapters are off), as its forward does."""
@@ -307,4 +323,11 @@ def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: d
     return loss, box[0]
 
 
-__all__ = ["UnsupportedModelError", "active_module", "check_module", "global_rows", "head_loss"]
+__all__ = [
+    "UnsupportedModelError",
+    "active_module",
+    "check_module",
+    "global_rows",
+    "head_loss",
+    "peft_base",
+]

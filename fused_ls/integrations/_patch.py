@@ -17,7 +17,7 @@ import fused_ls
 from fused_ls._options import HEAD_KEYWORDS, keyword_values, takes_keywords
 
 from ._forward import ForwardSpec, read_forward
-from ._heads import _lora_terms, active_module, check_module, global_rows
+from ._heads import _lora_terms, active_module, check_module, global_rows, peft_base
 from ._heads import refuse as _refuse
 
 __all__ = ["FusedLSHead", "apply_fused_ls", "refresh_accepts_loss_kwargs", "revert_fused_ls"]
@@ -55,15 +55,6 @@ class FusedLSHead:
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"FusedLSHead(smoothing={self.smoothing!r}{opts})"
-
-
-def _peft_base(model: nn.Module) -> nn.Module:
-    """The model whose forward computes the logits: a PEFT ``PeftModel``'s base model (PEFT's
-    forward reaches it through ``base_model.model.forward``), else the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    if get_base is not None and type(model).__module__.startswith("peft."):
-        return get_base()
-    return model
 
 
 def _dispatch(self, *args, **kwargs):
@@ -114,8 +105,9 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
 
     Args:
         model: a ``*ForCausalLM`` / ``*ForConditionalGeneration`` whose forward the module
-            docstring's rules accept, or a PEFT ``PeftModel`` of one (its base model is
-            patched); refused with ``UnsupportedModelError`` (nothing patched) otherwise.
+            docstring's rules accept, or a PEFT ``PeftModel`` or ``PeftMixedModel`` of one (its
+            base model is patched); refused with ``UnsupportedModelError`` (nothing patched)
+            otherwise.
         smoothing: ε (Trainer: ``args.label_smoothing_factor``); ``model.fused_ls.smoothing`` may
             be changed later.
         **options: keywords of ``fused_ls.linear_label_smoothing_cross_entropy`` (``weight``,
@@ -127,7 +119,7 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
     Returns:
         the model as given (patched in place). Applying again replaces ε and the options.
     """
-    target = _peft_base(model)
+    target = peft_base(model)
     patched = vars(target).get("fused_ls")
     spec = patched._spec if isinstance(patched, FusedLSHead) else read_forward(type(target))
     head = _check_instance(target, spec)
@@ -179,7 +171,7 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
 def revert_fused_ls(model: nn.Module) -> nn.Module:
     """Undo ``apply_fused_ls``: the forward the instance had before serves again. A no-op on an
     unpatched model."""
-    target = _peft_base(model)
+    target = peft_base(model)
     state = vars(target).get("fused_ls")
     if not isinstance(state, FusedLSHead):
         return model
@@ -198,7 +190,7 @@ def revert_fused_ls(model: nn.Module) -> nn.Module:
 def refresh_accepts_loss_kwargs(trainer, model: nn.Module) -> None:
     """Trainer's own rule (Trainer.__init__) on the patched model: its ``accepts_loss_kwargs``,
     except under DeepSpeed sequence parallelism, which counts its tokens itself."""
-    accepts = _peft_base(model).accepts_loss_kwargs  # set by apply_fused_ls
+    accepts = peft_base(model).accepts_loss_kwargs  # set by apply_fused_ls
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     sp = pc is not None and pc.sp_backend == "deepspeed" and pc.sp_enabled
     trainer.model_accepts_loss_kwargs = bool(accepts) and not sp

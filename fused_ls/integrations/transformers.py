@@ -39,9 +39,9 @@ other than ``ForCausalLMLoss``, a head whose rows differ from the loss's ``vocab
 Sharded and wrapped heads (``fused_ls.integrations._heads``): the fused loss runs inside the head
 module's own call, so that FSDP2's, DeepSpeed ZeRO-3's and accelerate's hooks gather the weight
 (once per step) and re-gather it for backward; transformers' tensor-parallel colwise head goes
-through the vocabulary-parallel path on its local rows; PEFT: a ``PeftModel`` is accepted (its
-base model is patched), a LoRA on the head is exact (extra input columns), ``modules_to_save``
-uses the active copy.
+through the vocabulary-parallel path on its local rows; PEFT: a ``PeftModel`` or
+``PeftMixedModel`` is accepted (its base model is patched), a LoRA on the head is exact (extra
+input columns), ``modules_to_save`` uses the active copy.
 
 Trainer. ``label_smoothing_factor > 0`` makes Trainer pop the labels, let the model build the
 logits and run its dense ``LabelSmoother``. ``FusedLSTrainer`` / ``patch_trainer`` patch the

@@ -42,7 +42,8 @@ import warnings
 import torch
 from trl import SFTTrainer
 
-from ._patch import _peft_base, apply_fused_ls, refresh_accepts_loss_kwargs
+from ._heads import peft_base
+from ._patch import apply_fused_ls, refresh_accepts_loss_kwargs
 
 __all__ = ["patch_sft_trainer"]
 
@@ -66,7 +67,7 @@ def patch_sft_trainer(trainer: SFTTrainer, **options) -> SFTTrainer:
     apply_fused_ls(model, eps, **options)
     trainer.label_smoother = None
     refresh_accepts_loss_kwargs(trainer, model)
-    trainer._fused_ls_state = _peft_base(model).fused_ls
+    trainer._fused_ls_state = peft_base(model).fused_ls
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
 
