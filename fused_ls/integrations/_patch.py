@@ -20,7 +20,7 @@ from ._forward import ForwardSpec, read_forward
 from ._heads import _lora_terms, active_module, check_module, global_rows, peft_base
 from ._heads import refuse as _refuse
 
-__all__ = ["FusedLSHead", "apply_fused_ls", "refresh_accepts_loss_kwargs", "revert_fused_ls"]
+__all__ = ["FusedLSHead", "apply_fused_ls", "patch_trainer_model", "revert_fused_ls"]
 
 # Keywords the integration sets itself (from transformers' semantics); the user may not pass them.
 _RESERVED = {
@@ -187,10 +187,18 @@ def revert_fused_ls(model: nn.Module) -> nn.Module:
     return model
 
 
-def refresh_accepts_loss_kwargs(trainer, model: nn.Module) -> None:
-    """Trainer's own rule (Trainer.__init__) on the patched model: its ``accepts_loss_kwargs``,
-    except under DeepSpeed sequence parallelism, which counts its tokens itself."""
+def patch_trainer_model(trainer, **options) -> nn.Module:
+    """What ``patch_trainer`` and ``patch_sft_trainer`` do to the trainer's model: patch the
+    unwrapped model with ``trainer.args.label_smoothing_factor`` and ``options``, switch off
+    Trainer's dense ``LabelSmoother`` (so the labels reach the patched forward), and recompute
+    ``trainer.model_accepts_loss_kwargs`` with Trainer's own rule (``Trainer.__init__``) on the
+    patched model: its ``accepts_loss_kwargs``, except under DeepSpeed sequence parallelism,
+    which counts its tokens itself. Returns the unwrapped model."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    apply_fused_ls(model, trainer.args.label_smoothing_factor, **options)
+    trainer.label_smoother = None
     accepts = peft_base(model).accepts_loss_kwargs  # set by apply_fused_ls
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     sp = pc is not None and pc.sp_backend == "deepspeed" and pc.sp_enabled
     trainer.model_accepts_loss_kwargs = bool(accepts) and not sp
+    return model

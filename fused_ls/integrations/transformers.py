@@ -62,7 +62,7 @@ import importlib
 from transformers import Trainer
 
 from ._heads import UnsupportedModelError
-from ._patch import apply_fused_ls, refresh_accepts_loss_kwargs, revert_fused_ls
+from ._patch import apply_fused_ls, patch_trainer_model, revert_fused_ls
 
 __all__ = [
     "FusedLSTrainer",
@@ -101,10 +101,7 @@ def patch_trainer(trainer: Trainer, **options) -> Trainer:
         return importlib.import_module("fused_ls.integrations.trl").patch_sft_trainer(
             trainer, **options
         )
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    apply_fused_ls(model, trainer.args.label_smoothing_factor, **options)
-    trainer.label_smoother = None
-    refresh_accepts_loss_kwargs(trainer, model)
+    patch_trainer_model(trainer, **options)
     return trainer
 
 

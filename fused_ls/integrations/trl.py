@@ -43,7 +43,7 @@ import torch
 from trl import SFTTrainer
 
 from ._heads import peft_base
-from ._patch import apply_fused_ls, refresh_accepts_loss_kwargs
+from ._patch import patch_trainer_model
 
 __all__ = ["patch_sft_trainer"]
 
@@ -63,10 +63,7 @@ def patch_sft_trainer(trainer: SFTTrainer, **options) -> SFTTrainer:
     pc = trainer.accelerator.parallelism_config
     if pc is not None and pc.sp_enabled:
         raise ValueError("fused_ls: SFTTrainer with sequence parallelism is not supported")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    apply_fused_ls(model, eps, **options)
-    trainer.label_smoother = None
-    refresh_accepts_loss_kwargs(trainer, model)
+    model = patch_trainer_model(trainer, **options)
     trainer._fused_ls_state = peft_base(model).fused_ls
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
