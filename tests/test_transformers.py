@@ -421,7 +421,10 @@ def _custom_loss_function():
     [
         (_scaled, r"self\.lm_head\(hidden_states\)\.sum\(-1, keepdim=True\)"),
         (_lora_like_head, "lm_head is a AdapterLinear, not a plain nn.Linear"),
-        (_padded_vocab, "520 rows but self.config.vocab_size is 512"),
+        (
+            _padded_vocab,
+            r"lm_head has 520 rows but the loss's vocab_size \(self\.config\.vocab_size\) is 512",
+        ),
         (_custom_loss_function, "not ForCausalLMLoss"),
     ],
     ids=["subclass", "adapter", "vocab", "loss"],
@@ -661,3 +664,23 @@ def test_apply_on_a_model_whose_forward_was_wrapped_after_patching():
     assert model.forward is wrapper and model.fused_ls.smoothing == 0.2
     batch = make_batch(model.config.vocab_size)
     assert_close(model(**batch).loss, reference_loss(ref, batch, eps=0.2), torch.float64)
+
+
+def test_vocab_refusal_names_the_head_attribute():
+    """GPT-NeoX Japanese's head is `embed_out`: a head whose rows differ from the loss's
+    vocab_size is refused naming it, at call time (a head swapped after patching) and when
+    patching."""
+    cfg = transformers.GPTNeoXJapaneseConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXJapaneseForCausalLM(cfg)
+    apply_fused_ls(model, EPS)
+    model.embed_out = torch.nn.Linear(32, 520, bias=False)
+    why = r"embed_out has 520 rows but the loss's vocab_size \(self\.config\.vocab_size\) is 512"
+    with pytest.raises(UnsupportedModelError, match=why):
+        model(**make_batch(512))
+    revert_fused_ls(model)
+    with pytest.raises(UnsupportedModelError, match=why):
+        apply_fused_ls(model, EPS)

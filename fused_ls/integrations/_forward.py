@@ -41,7 +41,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
-from ._heads import global_rows, head_loss, refuse
+from ._heads import check_loss, head_loss, refuse
 
 RUNTIME = "__fused_ls__"  # the name the rewritten code calls the runtime by
 _TANH = {"torch.tanh", "nn.functional.tanh", "torch.nn.functional.tanh", "F.tanh"}
@@ -470,24 +470,21 @@ class Runtime:
     def loss(model, *args, **kwargs):
         """``ForCausalLMLoss(logits, labels, vocab_size, ...)`` with the logits a ``Plan``: the
         same shift, ignore index and reduction, label-smoothed, one fused call."""
-        if model.loss_function is not ForCausalLMLoss:
-            raise refuse(
-                model, f"its loss_function is {model.loss_function!r}, not ForCausalLMLoss"
-            )
-        bound = _LOSS_SIG.bind(*args, **kwargs)
+        try:
+            bound = _LOSS_SIG.bind(*args, **kwargs)
+        except TypeError:
+            check_loss(model)  # a loss_function of its own is the reason, if it is one
+            raise
         bound.apply_defaults()
         a = bound.arguments
         plan, labels, ignore_index = a["logits"], a["labels"], a["ignore_index"]
         num_items, shift_labels = a["num_items_in_batch"], a["shift_labels"]
-        V = global_rows(model, plan.head)
-        if V != a["vocab_size"]:
-            raise refuse(model, f"its lm_head has {V} rows but the loss's vocab_size is "
-                         f"{a['vocab_size']}")  # fmt: skip
+        state = model.fused_ls
+        check_loss(model, plan.name, plan.head, a["vocab_size"], state._spec.vocab)
         if shift_labels is None:
             padded = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = padded[..., 1:]
         target = shift_labels.reshape(-1).to(plan.hidden.device)
-        state = model.fused_ls
         factors, cap = plan.folded()
         options = dict(
             state.options, ignore_index=ignore_index, reduction="sum" if num_items is not None

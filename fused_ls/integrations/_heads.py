@@ -51,6 +51,7 @@ import types
 
 import torch
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 import fused_ls
 
@@ -201,6 +202,24 @@ def global_rows(owner, head: nn.Module) -> int:
     return int(getattr(w, "ds_shape", w.shape)[0])
 
 
+def check_loss(owner, name=None, head=None, vocab_size=..., source: str | None = None) -> None:
+    """Refuse a loss the fused call does not reproduce: a ``loss_function`` other than
+    ``ForCausalLMLoss``, or a head (``owner``'s attribute ``name``, e.g. ``lm_head``,
+    ``embed_out``) whose rows differ from the loss's ``vocab_size`` (``...``: not known, when
+    patching a forward whose ``vocab_size`` is not an attribute of the model). ``source``: the
+    forward's expression for ``vocab_size``, for the message."""
+    if owner.loss_function is not ForCausalLMLoss:
+        raise refuse(owner, f"its loss_function is {owner.loss_function!r}, not ForCausalLMLoss")
+    if vocab_size is ...:
+        return
+    rows = global_rows(owner, head)
+    if rows != vocab_size:
+        where = f" ({source})" if source else ""
+        raise refuse(
+            owner, f"its {name} has {rows} rows but the loss's vocab_size{where} is {vocab_size}"
+        )
+
+
 # ---- the fused call ----------------------------------------------------------------------------
 
 
@@ -326,6 +345,7 @@ def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: d
 __all__ = [
     "UnsupportedModelError",
     "active_module",
+    "check_loss",
     "check_module",
     "global_rows",
     "head_loss",

@@ -11,13 +11,12 @@ import types
 
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForCausalLMLoss
 
 import fused_ls
 from fused_ls._options import HEAD_KEYWORDS, keyword_values, takes_keywords
 
 from ._forward import ForwardSpec, read_forward
-from ._heads import _lora_terms, active_module, check_module, global_rows, peft_base
+from ._heads import _lora_terms, active_module, check_loss, check_module, global_rows, peft_base
 from ._heads import refuse as _refuse
 
 __all__ = ["FusedLSHead", "apply_fused_ls", "patch_trainer_model", "revert_fused_ls"]
@@ -87,13 +86,10 @@ def _check_instance(model: nn.Module, spec: ForwardSpec) -> nn.Module:
     module = active_module(model, head)
     terms = _lora_terms(model, module)
     check_module(model, module.base_layer if terms is not None else module, spec.head)
-    if model.loss_function is not ForCausalLMLoss:
-        raise _refuse(model, f"its loss_function is {model.loss_function!r}, not ForCausalLMLoss")
+    vocab = ...  # not known before the call
     if spec.vocab is not None and _simple_attribute(spec.vocab):
         vocab = eval(spec.vocab, {}, {"self": model})  # an attribute chain of self only
-        rows = global_rows(model, head)
-        if rows != vocab:
-            raise _refuse(model, f"its lm_head has {rows} rows but {spec.vocab} is {vocab}")
+    check_loss(model, spec.head, head, vocab, spec.vocab)
     return head
 
 
