@@ -299,3 +299,20 @@ def test_model_not_accepting_loss_kwargs_with_accumulation(tmp_path, kind):
     stock.train()
     fused.train()
     assert_same_run(stock, fused)
+
+
+def test_patch_state_is_read_from_the_model_at_each_call(tmp_path):
+    """revert_fused_ls + apply_fused_ls after patch_trainer give the model a new patch state:
+    compute_loss uses the model's current one (TRL's loss), and refuses an unpatched model."""
+    from fused_ls.integrations.transformers import apply_fused_ls, revert_fused_ls
+
+    stock, fused = pair(tmp_path, max_steps=1)
+    batch = next(iter(fused.get_train_dataloader()))
+    revert_fused_ls(fused.model)
+    apply_fused_ls(fused.model, EPS)
+    expected = stock.compute_loss(stock.model, dict(batch))
+    loss = fused.compute_loss(fused.model, dict(batch))
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    revert_fused_ls(fused.model)
+    with pytest.raises(RuntimeError, match="did not reach the fused loss"):
+        fused.compute_loss(fused.model, dict(batch))

@@ -43,9 +43,11 @@ import torch
 from trl import SFTTrainer
 
 from ._heads import peft_base
-from ._patch import patch_trainer_model
+from ._patch import FusedLSHead, patch_trainer_model
 
 __all__ = ["patch_sft_trainer"]
+
+_NOT_REACHED = "fused_ls: the model's forward did not reach the fused loss"
 
 
 def patch_sft_trainer(trainer: SFTTrainer, **options) -> SFTTrainer:
@@ -63,8 +65,7 @@ def patch_sft_trainer(trainer: SFTTrainer, **options) -> SFTTrainer:
     pc = trainer.accelerator.parallelism_config
     if pc is not None and pc.sp_enabled:
         raise ValueError("fused_ls: SFTTrainer with sequence parallelism is not supported")
-    model = patch_trainer_model(trainer, **options)
-    trainer._fused_ls_state = peft_base(model).fused_ls
+    patch_trainer_model(trainer, **options)
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
 
@@ -75,7 +76,10 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     inputs["use_cache"] = False
     if self.aux_loss_enabled:
         inputs["output_router_logits"] = True
-    state = self._fused_ls_state
+    # the patch's state as the model holds it now (it may have been reverted and applied again)
+    state = vars(peft_base(self.accelerator.unwrap_model(model))).get("fused_ls")
+    if not isinstance(state, FusedLSHead):
+        raise RuntimeError(_NOT_REACHED)
     # Trainer's rule (compute_loss, training_step): the loss is normalised by num_items_in_batch
     # only when the model takes loss kwargs; otherwise it is a per-micro-batch mean, which
     # training_step divides by the accumulation steps itself
@@ -89,7 +93,7 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     finally:
         state.capturing = False
     if state.captured is None:
-        raise RuntimeError("fused_ls: the model's forward did not reach the fused loss")
+        raise RuntimeError(_NOT_REACHED)
     loss, stats, target, ignore_index = state.captured
     state.captured = None
 
