@@ -41,7 +41,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
-from ._heads import check_loss, head_loss, refuse
+from ._heads import check_loss, head_loss, refuse, resolve_head
 
 RUNTIME = "__fused_ls__"  # the name the rewritten code calls the runtime by
 _TANH = {"torch.tanh", "nn.functional.tanh", "torch.nn.functional.tanh", "F.tanh"}
@@ -480,7 +480,8 @@ class Runtime:
         plan, labels, ignore_index = a["logits"], a["labels"], a["ignore_index"]
         num_items, shift_labels = a["num_items_in_batch"], a["shift_labels"]
         state = model.fused_ls
-        check_loss(model, plan.name, plan.head, a["vocab_size"], state._spec.vocab)
+        head = resolve_head(model, plan.name, plan.head)  # hooks, PEFT, sharding: checked now
+        check_loss(model, head, a["vocab_size"], state._spec.vocab)
         if shift_labels is None:
             padded = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = padded[..., 1:]
@@ -490,7 +491,7 @@ class Runtime:
             state.options, ignore_index=ignore_index, reduction="sum" if num_items is not None
             else "mean",
         )  # fmt: skip
-        loss, stats = head_loss(model, plan.name, plan.head, plan.hidden, factors, cap, target,
+        loss, stats = head_loss(model, head, plan.hidden, factors, cap, target,
                                 state.smoothing, options, state.capturing)  # fmt: skip
         if any(op == "float" for op, _ in plan.ops):  # the model's loss is fp32 then
             loss = loss.float()

@@ -16,7 +16,7 @@ import fused_ls
 from fused_ls._options import HEAD_KEYWORDS, keyword_values, takes_keywords
 
 from ._forward import ForwardSpec, read_forward
-from ._heads import _lora_terms, active_module, check_loss, check_module, global_rows, peft_base
+from ._heads import Head, check_loss, peft_base, resolve_head
 from ._heads import refuse as _refuse
 
 __all__ = ["FusedLSHead", "apply_fused_ls", "patch_trainer_model", "revert_fused_ls"]
@@ -77,19 +77,17 @@ def _simple_attribute(expr: str) -> bool:
     return isinstance(node, ast.Name) and node.id == "self"
 
 
-def _check_instance(model: nn.Module, spec: ForwardSpec) -> nn.Module:
+def _check_instance(model: nn.Module, spec: ForwardSpec) -> Head:
     """The per-instance conditions when patching (the call re-checks the head, which hooks,
     PEFT and sharding may change afterwards)."""
-    head = getattr(model, spec.head, None)
-    if not isinstance(head, nn.Module):
+    attr = getattr(model, spec.head, None)
+    if not isinstance(attr, nn.Module):
         raise _refuse(model, f"its forward calls self.{spec.head}, which is not a module")
-    module = active_module(model, head)
-    terms = _lora_terms(model, module)
-    check_module(model, module.base_layer if terms is not None else module, spec.head)
+    head = resolve_head(model, spec.head, attr)
     vocab = ...  # not known before the call
     if spec.vocab is not None and _simple_attribute(spec.vocab):
         vocab = eval(spec.vocab, {}, {"self": model})  # an attribute chain of self only
-    check_loss(model, spec.head, head, vocab, spec.vocab)
+    check_loss(model, head, vocab, spec.vocab)
     return head
 
 
@@ -130,8 +128,8 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
     keyword_values(apply_fused_ls, options)  # names it does not take: TypeError
     if "process_group" not in options:  # (a sharded call would be a collective)
         # ε and the options, validated by the fused function itself on one row of width 1
-        V = global_rows(target, head)
-        w = next(iter(head.parameters()), None)
+        V = head.rows
+        w = next(iter(head.attr.parameters()), None)
         dev = w.device if w is not None and w.device.type != "meta" else torch.device("cpu")
         with torch.no_grad():
             fused_ls.linear_label_smoothing_cross_entropy(
