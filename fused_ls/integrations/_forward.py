@@ -57,7 +57,6 @@ class ForwardSpec:
     fused: object  # the rewritten forward, decorated like the original
     signature: inspect.Signature  # of the undecorated forward
     head: str  # the attribute the forward calls for the logits (e.g. "lm_head")
-    ops: tuple  # the static op sequence of the head region, e.g. ("mul", "cap")
     caps: bool  # the forward soft-caps the logits
     loss_kwargs: bool  # the loss call forwards the forward's **kwargs (num_items_in_batch)
     vocab: str | None  # the source of the loss call's vocab_size
@@ -75,8 +74,9 @@ class _Rewriter(ast.NodeTransformer):
     """One pass over the forward's body (source order); ``errors`` gets the first statement it
     cannot reproduce."""
 
-    def __init__(self, cls, var: str):
+    def __init__(self, cls, root: ast.FunctionDef, var: str):
         self.cls = cls
+        self.root = root  # the forward's definition (nested definitions are not rewritten)
         self.var = var  # the name the forward gives the logits (logits, lm_logits)
         self.head = None  # attribute name of the head call
         self.ops: list = []  # (op, ast dump of its operand) in source order
@@ -188,10 +188,8 @@ class _Rewriter(ast.NodeTransformer):
         return self.generic_visit(node)
 
     def visit_Call(self, node):
-        if ast.unparse(node.func) == "self.loss_function":
-            logits = [a for a in node.args[:1]] + [
-                k.value for k in node.keywords if k.arg == "logits"
-            ]
+        if _is_loss_call(node):
+            logits = _loss_logits(node)
             rest = node.args[1:] + [k for k in node.keywords if k.arg != "logits"]
             if len(logits) != 1 or not (
                 isinstance(logits[0], ast.Name) and logits[0].id == self.var
@@ -239,11 +237,21 @@ def _logits_name(fdef) -> str:
     there is no single such name)."""
     names = set()
     for node in ast.walk(fdef):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "self.loss_function":
-            arg = node.args[:1] + [k.value for k in node.keywords if k.arg == "logits"]
+        if isinstance(node, ast.Call) and _is_loss_call(node):
+            arg = _loss_logits(node)
             if arg and isinstance(arg[0], ast.Name):
                 names.add(arg[0].id)
     return names.pop() if len(names) == 1 else "logits"
+
+
+def _is_loss_call(node: ast.Call) -> bool:
+    return ast.unparse(node.func) == "self.loss_function"
+
+
+def _loss_logits(call: ast.Call) -> list:
+    """The expressions a ``self.loss_function(...)`` call passes as the logits: its first
+    positional argument and any ``logits=`` keyword."""
+    return call.args[:1] + [k.value for k in call.keywords if k.arg == "logits"]
 
 
 def _attr(value, name):
@@ -303,8 +311,7 @@ def read_forward(cls) -> ForwardSpec:
         raise refuse(cls, f"its forward takes no labels {sig}")
     var_kw = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
 
-    rw = _Rewriter(cls, _logits_name(fdef))
-    rw.root = fdef
+    rw = _Rewriter(cls, fdef, _logits_name(fdef))
     rw.visit(fdef)
     if rw.error is not None:
         raise rw.error
@@ -358,7 +365,6 @@ def read_forward(cls) -> ForwardSpec:
         fused=fused,
         signature=sig,
         head=rw.head,
-        ops=tuple(names),
         caps="cap" in names,
         loss_kwargs=loss_kwargs,
         vocab=vocab,

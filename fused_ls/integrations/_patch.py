@@ -60,13 +60,12 @@ def _dispatch(self, *args, **kwargs):
     """The instance's forward: the fused forward when labels are given; TRL's ``fused_lm_head``
     protocol and calls without labels go to the forward the instance had before."""
     state: FusedLSHead = self.fused_ls
+    if not kwargs.get("fused_lm_head"):
+        labels = state._spec.signature.bind(self, *args, **kwargs).arguments.get("labels")
+        if labels is not None:
+            return state._spec.fused(self, *args, **kwargs)
     previous = state._previous or types.MethodType(type(self).forward, self)
-    if kwargs.get("fused_lm_head"):
-        return previous(*args, **kwargs)
-    labels = state._spec.signature.bind(self, *args, **kwargs).arguments.get("labels")
-    if labels is None:
-        return previous(*args, **kwargs)
-    return state._spec.fused(self, *args, **kwargs)
+    return previous(*args, **kwargs)
 
 
 def _simple_attribute(expr: str) -> bool:
@@ -115,7 +114,7 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
     """
     target = peft_base(model)
     patched = vars(target).get("fused_ls")
-    spec = patched._spec if isinstance(patched, FusedLSHead) else read_forward(type(target))
+    spec = read_forward(type(target))  # cached per class: the spec a first patch stored
     head = _check_instance(target, spec)
     clash = {k: why for k, why in _RESERVED.items() if k in options}
     if spec.caps and "softcap" in options:
