@@ -378,6 +378,36 @@ class ScaledLlama(InlineSliceLlama):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
+class LeftCapLlama(InlineSliceLlama):
+    """A final soft cap written with the factor on the left, c·tanh(z / c) (Jev's form)."""
+
+    cap = 0.5
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        logits = self.cap * torch.tanh(logits / self.cap)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_soft_cap_with_the_factor_on_the_left():
+    """c·tanh(z / c) is the soft cap as z·... is: accepted when patching and at call time (the
+    two read the same fold), loss and gradients exact, and the cap does change the loss."""
+    ref = LeftCapLlama(make_model(vocab_size=512).config).double()
+    batch = make_batch(512)
+    out, _ = forward_pair(ref, torch.float64, **batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    uncapped = F.cross_entropy(
+        *shifted(ref.lm_head(ref.model(**inputs).last_hidden_state), batch["labels"]),
+        label_smoothing=EPS,
+    )
+    assert (out.loss - uncapped).abs() > 1e-2
+
+
 def test_inline_slice_form_of_transformers_5_0():
     ref = make_model(dtype=torch.float32)
     model = InlineSliceLlama(ref.config)

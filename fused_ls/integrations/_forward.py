@@ -33,6 +33,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import operator
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -264,34 +265,32 @@ def _call(func, *args):
     return ast.Call(func, list(args), [])
 
 
-def _fold_caps(ops: list) -> list[str]:
-    """[(op, operand)] -> op names with [div c, tanh, mul c] folded into "cap"."""
-    out, i = [], 0
+def _fold(who, ops, same) -> tuple[list, object]:
+    """The operations the forward applies after the head call, [(op, operand)] in order, as one
+    fused call: (the constant factors [("mul" | "div", c)], the soft cap c or None), where
+    [/c, tanh, ·c] (``c·`` on either side) with ``same(c, c')`` is the soft cap. Refused (``who``:
+    the model or its class) unless they are constant factors and upcasts, then at most one soft
+    cap, then only upcasts. Read once on the source (the operands are the expressions; at most
+    one cap: ``ForwardSpec.caps``) and at each call on the values the forward evaluated."""
+    factors, cap, i = [], None, 0
     while i < len(ops):
-        win = ops[i : i + 3]
-        if [o for o, _ in win] == ["div", "tanh", "mul"] and win[0][1] == win[2][1]:
-            out.append("cap")
-            i += 3
-        else:
-            out.append(ops[i][0])
-            i += 1
-    return out
-
-
-def valid_ops(names) -> str | None:
-    """Why an op sequence (after the head call) cannot be one fused call, or None: constant
-    factors and upcasts, then at most one soft cap, then only upcasts."""
-    seen_cap = False
-    for op in names:
+        names = ["mul" if o == "rmul" else o for o, _ in ops[i : i + 3]]
+        if names == ["div", "tanh", "mul"] and same(ops[i][1], ops[i + 2][1]):
+            if cap is not None:
+                raise refuse(who, "its head applies two soft caps")
+            cap, i = ops[i][1], i + 3
+            continue
+        op, c = ops[i]
         if op == "tanh":
-            return "a tanh of the logits that is not the soft cap c·tanh(z / c)"
-        if op == "cap":
-            if seen_cap:
-                return "two soft caps"
-            seen_cap = True
-        elif op in ("mul", "div") and seen_cap:
-            return "a scale after the soft cap"
-    return None
+            raise refuse(
+                who, "its head applies a tanh of the logits that is not the soft cap c·tanh(z / c)"
+            )
+        if op in ("mul", "rmul", "div"):
+            if cap is not None:
+                raise refuse(who, "its head applies a scale after the soft cap")
+            factors.append(("div" if op == "div" else "mul", c))
+        i += 1
+    return factors, cap
 
 
 @functools.cache
@@ -327,10 +326,7 @@ def read_forward(cls) -> ForwardSpec:
             and issubclass(raw.__globals__[name], ModelOutput)
         ):
             raise refuse(cls, f"its forward passes the logits to {name}, not a model output class")
-    names = _fold_caps(rw.ops)
-    why = valid_ops(names)
-    if why is not None:
-        raise refuse(cls, f"its head applies {why}")
+    _, cap = _fold(cls, rw.ops, operator.eq)  # the source expressions (ast dumps)
     call = rw.loss_calls[0]
     loss_kwargs = any(k.arg is None and ast.unparse(k.value) in var_kw for k in call.keywords)
     # (the rewritten call: self, logits, labels, vocab_size, ...)
@@ -365,7 +361,7 @@ def read_forward(cls) -> ForwardSpec:
         fused=fused,
         signature=sig,
         head=rw.head,
-        caps="cap" in names,
+        caps=cap is not None,
         loss_kwargs=loss_kwargs,
         vocab=vocab,
     )
@@ -405,27 +401,12 @@ class Plan:
         return self
 
     def folded(self):
-        """(factors [("mul"|"div", c)], cap or None): [/c, tanh, ·c] with the same value c (the
-        same object or equal numbers) is the soft cap."""
-        ops, out, cap, i = self.ops, [], None, 0
-        while i < len(ops):
-            win = ops[i : i + 3]
-            if [o for o, _ in win] == ["div", "tanh", "mul"] and _same(win[0][1], win[2][1]):
-                if cap is not None:
-                    raise refuse(self.owner, "its head applies two soft caps")
-                cap, i = win[0][1], i + 3
-                continue
-            op, c = ops[i]
-            if op == "tanh":
-                raise refuse(self.owner, "its head applies a tanh that is not c·tanh(z / c)")
-            if op in ("mul", "rmul", "div"):
-                if cap is not None:
-                    raise refuse(self.owner, "its head scales the logits after the soft cap")
-                out.append(("div" if op == "div" else "mul", c))
-            i += 1
+        """(factors [("mul"|"div", c)], cap or None), ``_fold`` of the values: [/c, tanh, ·c] with
+        the same value c (the same object or equal numbers) is the soft cap."""
+        factors, cap = _fold(self.owner, self.ops, _same)
         if torch.is_tensor(cap):
             cap = float(cap)
-        return out, cap
+        return factors, cap
 
     def materialize(self):
         """The real logits: the head called, then each operation as the forward wrote it."""
