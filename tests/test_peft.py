@@ -27,11 +27,12 @@ EPS = 0.1
 TOL = dict(rtol=1e-9, atol=1e-11)
 
 
-def peft_pair(config, seed=0):
+def peft_pair(config, seed=0, mixed=False):
     """(patched PeftModel, reference PeftModel): the same weights, adapters initialised to
-    non-zero values (LoRA's B starts at zero, which would hide a wrong B gradient)."""
+    non-zero values (LoRA's B starts at zero, which would hide a wrong B gradient). ``mixed``: a
+    PeftMixedModel (get_peft_model(..., mixed=True))."""
     base = make_model("llama", torch.float64, vocab_size=512)
-    ref = peft.get_peft_model(base, config)
+    ref = peft.get_peft_model(base, config, mixed=mixed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -84,6 +85,20 @@ def test_lora_without_head_adapter_and_generation():
     ids = make_batch(512)["input_ids"][:1, :5]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(input_ids=ids, **kw), ref.generate(input_ids=ids, **kw))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "v_proj", "lm_head"]])
+def test_peft_mixed_model_is_exact(targets):
+    """A PeftMixedModel (no get_base_model: its base model is base_model.model, as transformers'
+    unwrap_peft_model has it) is patched like a PeftModel and exact, a LoRA head included."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    model, ref = peft_pair(cfg, mixed=True)
+    assert isinstance(model, peft.PeftMixedModel)
+    assert hasattr(model.base_model.model, "fused_ls")
+    trained = run_and_compare(model, ref)
+    assert any("lora_A" in n for n in trained)
+    revert_fused_ls(model)
+    assert not hasattr(model.base_model.model, "fused_ls")
 
 
 def test_modules_to_save_lm_head_uses_the_active_copy():

@@ -378,6 +378,36 @@ class ScaledLlama(InlineSliceLlama):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
+class LeftCapLlama(InlineSliceLlama):
+    """A final soft cap written with the factor on the left, c·tanh(z / c) (Jev's form)."""
+
+    cap = 0.5
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        logits = self.cap * torch.tanh(logits / self.cap)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_soft_cap_with_the_factor_on_the_left():
+    """c·tanh(z / c) is the soft cap as z·... is: accepted when patching and at call time (the
+    two read the same fold), loss and gradients exact, and the cap does change the loss."""
+    ref = LeftCapLlama(make_model(vocab_size=512).config).double()
+    batch = make_batch(512)
+    out, _ = forward_pair(ref, torch.float64, **batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    uncapped = F.cross_entropy(
+        *shifted(ref.lm_head(ref.model(**inputs).last_hidden_state), batch["labels"]),
+        label_smoothing=EPS,
+    )
+    assert (out.loss - uncapped).abs() > 1e-2
+
+
 def test_inline_slice_form_of_transformers_5_0():
     ref = make_model(dtype=torch.float32)
     model = InlineSliceLlama(ref.config)
@@ -421,7 +451,10 @@ def _custom_loss_function():
     [
         (_scaled, r"self\.lm_head\(hidden_states\)\.sum\(-1, keepdim=True\)"),
         (_lora_like_head, "lm_head is a AdapterLinear, not a plain nn.Linear"),
-        (_padded_vocab, "520 rows but self.config.vocab_size is 512"),
+        (
+            _padded_vocab,
+            r"lm_head has 520 rows but the loss's vocab_size \(self\.config\.vocab_size\) is 512",
+        ),
         (_custom_loss_function, "not ForCausalLMLoss"),
     ],
     ids=["subclass", "adapter", "vocab", "loss"],
@@ -661,3 +694,23 @@ def test_apply_on_a_model_whose_forward_was_wrapped_after_patching():
     assert model.forward is wrapper and model.fused_ls.smoothing == 0.2
     batch = make_batch(model.config.vocab_size)
     assert_close(model(**batch).loss, reference_loss(ref, batch, eps=0.2), torch.float64)
+
+
+def test_vocab_refusal_names_the_head_attribute():
+    """GPT-NeoX Japanese's head is `embed_out`: a head whose rows differ from the loss's
+    vocab_size is refused naming it, at call time (a head swapped after patching) and when
+    patching."""
+    cfg = transformers.GPTNeoXJapaneseConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXJapaneseForCausalLM(cfg)
+    apply_fused_ls(model, EPS)
+    model.embed_out = torch.nn.Linear(32, 520, bias=False)
+    why = r"embed_out has 520 rows but the loss's vocab_size \(self\.config\.vocab_size\) is 512"
+    with pytest.raises(UnsupportedModelError, match=why):
+        model(**make_batch(512))
+    revert_fused_ls(model)
+    with pytest.raises(UnsupportedModelError, match=why):
+        apply_fused_ls(model, EPS)

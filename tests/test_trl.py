@@ -17,6 +17,7 @@ datasets = pytest.importorskip("datasets")
 
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fused_ls.integrations.transformers import patch_trainer  # noqa: E402
@@ -251,3 +252,67 @@ def test_moe_router_loss_follows_trls_nll_path(tmp_path):
     expected = ce / n + fused.router_aux_loss_coef * out.aux_loss / 2
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
     assert fused._metrics["train"]["aux_loss"]
+
+
+class NoKwargsLlama(transformers.LlamaForCausalLM):
+    """A causal LM whose forward takes no **kwargs: Trainer's model_accepts_loss_kwargs is
+    False, so Trainer passes no num_items_in_batch to the model and divides the per-micro-batch
+    mean by the accumulation steps itself."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                use_cache=None):  # fmt: skip
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=use_cache,
+        ).last_hidden_state  # fmt: skip
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("kind", ["forward without **kwargs", "flag toggled"])
+def test_model_not_accepting_loss_kwargs_with_accumulation(tmp_path, kind):
+    """model_accepts_loss_kwargs False, gradient accumulation 2: the patched loss is the
+    per-micro-batch mean (Trainer's compute_loss ignores num_items_in_batch then, and its
+    training_step divides by the accumulation steps), as in TRL's own run; a num_items_in_batch
+    handed to compute_loss is neither passed to a forward that does not take it nor used to
+    scale the loss."""
+    if kind == "flag toggled":
+        stock, fused = pair(tmp_path, max_steps=2)
+        for t in (stock, fused):
+            t.model_accepts_loss_kwargs = False
+    else:
+        model = NoKwargsLlama(tiny_llama().config)
+        model.load_state_dict(tiny_llama().state_dict())
+        stock, fused = pair(tmp_path, model=model, max_steps=2)
+    assert not stock.model_accepts_loss_kwargs and not fused.model_accepts_loss_kwargs
+    it = iter(fused.get_train_dataloader())
+    batch, other = next(it), next(it)
+    # the tokens of the two micro-batches of an accumulation step
+    n = sum((b["labels"][:, 1:] != -100).sum() for b in (batch, other))
+    fused.current_gradient_accumulation_steps = 2
+    expected = stock.compute_loss(stock.model, dict(batch))  # what Trainer's loop passes: None
+    loss = fused.compute_loss(fused.model, dict(batch), num_items_in_batch=n)
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    stock.train()
+    fused.train()
+    assert_same_run(stock, fused)
+
+
+def test_patch_state_is_read_from_the_model_at_each_call(tmp_path):
+    """revert_fused_ls + apply_fused_ls after patch_trainer give the model a new patch state:
+    compute_loss uses the model's current one (TRL's loss), and refuses an unpatched model."""
+    from fused_ls.integrations.transformers import apply_fused_ls, revert_fused_ls
+
+    stock, fused = pair(tmp_path, max_steps=1)
+    batch = next(iter(fused.get_train_dataloader()))
+    revert_fused_ls(fused.model)
+    apply_fused_ls(fused.model, EPS)
+    expected = stock.compute_loss(stock.model, dict(batch))
+    loss = fused.compute_loss(fused.model, dict(batch))
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    revert_fused_ls(fused.model)
+    with pytest.raises(RuntimeError, match="did not reach the fused loss"):
+        fused.compute_loss(fused.model, dict(batch))

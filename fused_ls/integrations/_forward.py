@@ -33,6 +33,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import operator
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.utils import ModelOutput
 
-from ._heads import global_rows, head_loss, refuse
+from ._heads import check_loss, head_loss, refuse, resolve_head
 
 RUNTIME = "__fused_ls__"  # the name the rewritten code calls the runtime by
 _TANH = {"torch.tanh", "nn.functional.tanh", "torch.nn.functional.tanh", "F.tanh"}
@@ -57,7 +58,6 @@ class ForwardSpec:
     fused: object  # the rewritten forward, decorated like the original
     signature: inspect.Signature  # of the undecorated forward
     head: str  # the attribute the forward calls for the logits (e.g. "lm_head")
-    ops: tuple  # the static op sequence of the head region, e.g. ("mul", "cap")
     caps: bool  # the forward soft-caps the logits
     loss_kwargs: bool  # the loss call forwards the forward's **kwargs (num_items_in_batch)
     vocab: str | None  # the source of the loss call's vocab_size
@@ -75,8 +75,9 @@ class _Rewriter(ast.NodeTransformer):
     """One pass over the forward's body (source order); ``errors`` gets the first statement it
     cannot reproduce."""
 
-    def __init__(self, cls, var: str):
+    def __init__(self, cls, root: ast.FunctionDef, var: str):
         self.cls = cls
+        self.root = root  # the forward's definition (nested definitions are not rewritten)
         self.var = var  # the name the forward gives the logits (logits, lm_logits)
         self.head = None  # attribute name of the head call
         self.ops: list = []  # (op, ast dump of its operand) in source order
@@ -188,10 +189,8 @@ class _Rewriter(ast.NodeTransformer):
         return self.generic_visit(node)
 
     def visit_Call(self, node):
-        if ast.unparse(node.func) == "self.loss_function":
-            logits = [a for a in node.args[:1]] + [
-                k.value for k in node.keywords if k.arg == "logits"
-            ]
+        if _is_loss_call(node):
+            logits = _loss_logits(node)
             rest = node.args[1:] + [k for k in node.keywords if k.arg != "logits"]
             if len(logits) != 1 or not (
                 isinstance(logits[0], ast.Name) and logits[0].id == self.var
@@ -239,11 +238,21 @@ def _logits_name(fdef) -> str:
     there is no single such name)."""
     names = set()
     for node in ast.walk(fdef):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "self.loss_function":
-            arg = node.args[:1] + [k.value for k in node.keywords if k.arg == "logits"]
+        if isinstance(node, ast.Call) and _is_loss_call(node):
+            arg = _loss_logits(node)
             if arg and isinstance(arg[0], ast.Name):
                 names.add(arg[0].id)
     return names.pop() if len(names) == 1 else "logits"
+
+
+def _is_loss_call(node: ast.Call) -> bool:
+    return ast.unparse(node.func) == "self.loss_function"
+
+
+def _loss_logits(call: ast.Call) -> list:
+    """The expressions a ``self.loss_function(...)`` call passes as the logits: its first
+    positional argument and any ``logits=`` keyword."""
+    return call.args[:1] + [k.value for k in call.keywords if k.arg == "logits"]
 
 
 def _attr(value, name):
@@ -256,34 +265,32 @@ def _call(func, *args):
     return ast.Call(func, list(args), [])
 
 
-def _fold_caps(ops: list) -> list[str]:
-    """[(op, operand)] -> op names with [div c, tanh, mul c] folded into "cap"."""
-    out, i = [], 0
+def _fold(who, ops, same) -> tuple[list, object]:
+    """The operations the forward applies after the head call, [(op, operand)] in order, as one
+    fused call: (the constant factors [("mul" | "div", c)], the soft cap c or None), where
+    [/c, tanh, ·c] (``c·`` on either side) with ``same(c, c')`` is the soft cap. Refused (``who``:
+    the model or its class) unless they are constant factors and upcasts, then at most one soft
+    cap, then only upcasts. Read once on the source (the operands are the expressions; at most
+    one cap: ``ForwardSpec.caps``) and at each call on the values the forward evaluated."""
+    factors, cap, i = [], None, 0
     while i < len(ops):
-        win = ops[i : i + 3]
-        if [o for o, _ in win] == ["div", "tanh", "mul"] and win[0][1] == win[2][1]:
-            out.append("cap")
-            i += 3
-        else:
-            out.append(ops[i][0])
-            i += 1
-    return out
-
-
-def valid_ops(names) -> str | None:
-    """Why an op sequence (after the head call) cannot be one fused call, or None: constant
-    factors and upcasts, then at most one soft cap, then only upcasts."""
-    seen_cap = False
-    for op in names:
+        names = ["mul" if o == "rmul" else o for o, _ in ops[i : i + 3]]
+        if names == ["div", "tanh", "mul"] and same(ops[i][1], ops[i + 2][1]):
+            if cap is not None:
+                raise refuse(who, "its head applies two soft caps")
+            cap, i = ops[i][1], i + 3
+            continue
+        op, c = ops[i]
         if op == "tanh":
-            return "a tanh of the logits that is not the soft cap c·tanh(z / c)"
-        if op == "cap":
-            if seen_cap:
-                return "two soft caps"
-            seen_cap = True
-        elif op in ("mul", "div") and seen_cap:
-            return "a scale after the soft cap"
-    return None
+            raise refuse(
+                who, "its head applies a tanh of the logits that is not the soft cap c·tanh(z / c)"
+            )
+        if op in ("mul", "rmul", "div"):
+            if cap is not None:
+                raise refuse(who, "its head applies a scale after the soft cap")
+            factors.append(("div" if op == "div" else "mul", c))
+        i += 1
+    return factors, cap
 
 
 @functools.cache
@@ -303,8 +310,7 @@ def read_forward(cls) -> ForwardSpec:
         raise refuse(cls, f"its forward takes no labels {sig}")
     var_kw = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
 
-    rw = _Rewriter(cls, _logits_name(fdef))
-    rw.root = fdef
+    rw = _Rewriter(cls, fdef, _logits_name(fdef))
     rw.visit(fdef)
     if rw.error is not None:
         raise rw.error
@@ -320,10 +326,7 @@ def read_forward(cls) -> ForwardSpec:
             and issubclass(raw.__globals__[name], ModelOutput)
         ):
             raise refuse(cls, f"its forward passes the logits to {name}, not a model output class")
-    names = _fold_caps(rw.ops)
-    why = valid_ops(names)
-    if why is not None:
-        raise refuse(cls, f"its head applies {why}")
+    _, cap = _fold(cls, rw.ops, operator.eq)  # the source expressions (ast dumps)
     call = rw.loss_calls[0]
     loss_kwargs = any(k.arg is None and ast.unparse(k.value) in var_kw for k in call.keywords)
     # (the rewritten call: self, logits, labels, vocab_size, ...)
@@ -358,8 +361,7 @@ def read_forward(cls) -> ForwardSpec:
         fused=fused,
         signature=sig,
         head=rw.head,
-        ops=tuple(names),
-        caps="cap" in names,
+        caps=cap is not None,
         loss_kwargs=loss_kwargs,
         vocab=vocab,
     )
@@ -399,27 +401,12 @@ class Plan:
         return self
 
     def folded(self):
-        """(factors [("mul"|"div", c)], cap or None): [/c, tanh, ·c] with the same value c (the
-        same object or equal numbers) is the soft cap."""
-        ops, out, cap, i = self.ops, [], None, 0
-        while i < len(ops):
-            win = ops[i : i + 3]
-            if [o for o, _ in win] == ["div", "tanh", "mul"] and _same(win[0][1], win[2][1]):
-                if cap is not None:
-                    raise refuse(self.owner, "its head applies two soft caps")
-                cap, i = win[0][1], i + 3
-                continue
-            op, c = ops[i]
-            if op == "tanh":
-                raise refuse(self.owner, "its head applies a tanh that is not c·tanh(z / c)")
-            if op in ("mul", "rmul", "div"):
-                if cap is not None:
-                    raise refuse(self.owner, "its head scales the logits after the soft cap")
-                out.append(("div" if op == "div" else "mul", c))
-            i += 1
+        """(factors [("mul"|"div", c)], cap or None), ``_fold`` of the values: [/c, tanh, ·c] with
+        the same value c (the same object or equal numbers) is the soft cap."""
+        factors, cap = _fold(self.owner, self.ops, _same)
         if torch.is_tensor(cap):
             cap = float(cap)
-        return out, cap
+        return factors, cap
 
     def materialize(self):
         """The real logits: the head called, then each operation as the forward wrote it."""
@@ -470,30 +457,28 @@ class Runtime:
     def loss(model, *args, **kwargs):
         """``ForCausalLMLoss(logits, labels, vocab_size, ...)`` with the logits a ``Plan``: the
         same shift, ignore index and reduction, label-smoothed, one fused call."""
-        if model.loss_function is not ForCausalLMLoss:
-            raise refuse(
-                model, f"its loss_function is {model.loss_function!r}, not ForCausalLMLoss"
-            )
-        bound = _LOSS_SIG.bind(*args, **kwargs)
+        try:
+            bound = _LOSS_SIG.bind(*args, **kwargs)
+        except TypeError:
+            check_loss(model)  # a loss_function of its own is the reason, if it is one
+            raise
         bound.apply_defaults()
         a = bound.arguments
         plan, labels, ignore_index = a["logits"], a["labels"], a["ignore_index"]
         num_items, shift_labels = a["num_items_in_batch"], a["shift_labels"]
-        V = global_rows(model, plan.head)
-        if V != a["vocab_size"]:
-            raise refuse(model, f"its lm_head has {V} rows but the loss's vocab_size is "
-                         f"{a['vocab_size']}")  # fmt: skip
+        state = model.fused_ls
+        head = resolve_head(model, plan.name, plan.head)  # hooks, PEFT, sharding: checked now
+        check_loss(model, head, a["vocab_size"], state._spec.vocab)
         if shift_labels is None:
             padded = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = padded[..., 1:]
         target = shift_labels.reshape(-1).to(plan.hidden.device)
-        state = model.fused_ls
         factors, cap = plan.folded()
         options = dict(
             state.options, ignore_index=ignore_index, reduction="sum" if num_items is not None
             else "mean",
         )  # fmt: skip
-        loss, stats = head_loss(model, plan.name, plan.head, plan.hidden, factors, cap, target,
+        loss, stats = head_loss(model, head, plan.hidden, factors, cap, target,
                                 state.smoothing, options, state.capturing)  # fmt: skip
         if any(op == "float" for op, _ in plan.ops):  # the model's loss is fp32 then
             loss = loss.float()

@@ -48,9 +48,11 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 import fused_ls
 
@@ -88,6 +90,22 @@ def _peft_type(name: str):
     mod_name, _, attr = name.rpartition(".")
     mod = sys.modules.get(mod_name)
     return getattr(mod, attr, None) if mod is not None else None
+
+
+def peft_base(model: nn.Module) -> nn.Module:
+    """The model whose forward computes the logits, as transformers' ``unwrap_peft_model`` finds
+    it: a PEFT ``PeftModel``'s ``get_base_model()``, a ``PeftMixedModel``'s ``base_model.model``
+    (it has no ``get_base_model``; PEFT's forwards reach it through ``base_model.model.forward``
+    in both), else the model itself. PEFT is not imported (a PEFT model cannot exist without
+    it)."""
+    wrappers = tuple(
+        t for t in map(_peft_type, ("peft.PeftModel", "peft.PeftMixedModel")) if t is not None
+    )
+    if not wrappers or not isinstance(model, wrappers):
+        return model
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model.base_model.model
 
 
 def active_module(owner, head: nn.Module) -> nn.Module:
@@ -175,14 +193,53 @@ def _tp_weight(module):
     return w if getattr(module, "_is_hooked", False) else None
 
 
-def global_rows(owner, head: nn.Module) -> int:
-    """The head's number of output rows (V), whoever shards it."""
-    module = active_module(owner, head)
-    lora = _peft_type("peft.tuners.lora.layer.LoraLayer")
-    if lora is not None and isinstance(module, lora):
-        module = module.base_layer
-    w = module.weight
-    return int(getattr(w, "ds_shape", w.shape)[0])
+class Head(NamedTuple):
+    """The head as ``resolve_head`` finds it at one moment: the model's attribute ``name`` and
+    the module it holds (``attr``); the module whose call computes the logits (``module``: PEFT's
+    active copy, maybe a LoRA layer); the ``nn.Linear`` that holds the weight (``base``); the LoRA
+    terms (None: not a LoRA layer; [] merged or disabled)."""
+
+    name: str
+    attr: nn.Module
+    module: nn.Module
+    base: nn.Module
+    terms: list | None
+
+    @property
+    def rows(self) -> int:
+        """The number of output rows (V), whoever shards the weight."""
+        w = self.base.weight
+        return int(getattr(w, "ds_shape", w.shape)[0])
+
+
+def resolve_head(owner, name: str, attr: nn.Module) -> Head:
+    """The head module ``attr`` (``owner``'s attribute ``name``) resolved and checked: PEFT's
+    active copy (``active_module``), its LoRA terms, the base ``nn.Linear`` (``check_module``);
+    ``UnsupportedModelError`` for a head that cannot be reproduced."""
+    module = active_module(owner, attr)
+    terms = _lora_terms(owner, module)
+    base = module.base_layer if terms is not None else module
+    check_module(owner, base, name)
+    return Head(name, attr, module, base, terms)
+
+
+def check_loss(owner, head: Head | None = None, vocab_size=..., source: str | None = None):
+    """Refuse a loss the fused call does not reproduce: a ``loss_function`` other than
+    ``ForCausalLMLoss``, or a head (named by its attribute, e.g. ``lm_head``, ``embed_out``)
+    whose rows differ from the loss's ``vocab_size`` (``...``: not known, when patching a forward
+    whose ``vocab_size`` is not an attribute of the model). ``source``: the forward's expression
+    for ``vocab_size``, for the message."""
+    if owner.loss_function is not ForCausalLMLoss:
+        raise refuse(owner, f"its loss_function is {owner.loss_function!r}, not ForCausalLMLoss")
+    if vocab_size is ...:
+        return
+    rows = head.rows
+    if rows != vocab_size:
+        where = f" ({source})" if source else ""
+        raise refuse(
+            owner,
+            f"its {head.name} has {rows} rows but the loss's vocab_size{where} is {vocab_size}",
+        )
 
 
 # ---- the fused call ----------------------------------------------------------------------------
@@ -236,12 +293,12 @@ def _in_module_call(module: nn.Module, fn, *args):
             setattr(module, attr, saved)
 
 
-def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: dict, want_stats):
+def head_loss(owner, head: Head, hidden, ops, cap, target, smoothing, options: dict, want_stats):
     """The loss of the logits ``cap·tanh(((s·hidden)·Wᵀ + s·b) / cap)`` against ``target``.
 
     Args:
         owner: the model (for messages).
-        name, head: the attribute the forward calls for the logits (e.g. "lm_head"), its module.
+        head: the head the forward calls for the logits, as ``resolve_head`` found it.
         hidden: [..., H] hidden states (as the forward passes them to the head).
         ops: [("mul" | "div", factor)], the constant factors of the logits in order.
         cap: the final soft cap or None.
@@ -253,10 +310,7 @@ def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: d
     Returns:
         (loss, Stats or None).
     """
-    module = active_module(owner, head)
-    terms = _lora_terms(owner, module)
-    base = module.base_layer if terms is not None else module
-    check_module(owner, base, name)
+    module, base, terms = head.module, head.base, head.terms
     x = hidden.reshape(-1, hidden.shape[-1])
     kwargs = dict(options, return_stats=want_stats)
     if cap is not None:
@@ -278,7 +332,7 @@ def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: d
             raise TypeError("process_group= is set by the tensor-parallel plan of this model")
         mesh, placements = tp_w.device_mesh, tuple(tp_w.placements)
         if mesh.ndim != 1 or placements != (Shard(0),):
-            raise refuse(owner, f"its lm_head weight is a DTensor with placements {placements}")
+            raise refuse(owner, f"its {head.name} weight is a DTensor with placements {placements}")
         _, offset = compute_local_shape_and_global_offset(tp_w.shape, mesh, placements)
         kwargs["process_group"] = fused_ls.VocabShard(mesh.get_group(), offset[0], tp_w.shape[0])
         bias = base.bias
@@ -295,7 +349,8 @@ def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: d
         # inside the module's call: the weight as its hooks left it (gathered, on device)
         w = m.weight
         if DTensor and isinstance(w, DTensor):
-            raise refuse(owner, f"its lm_head weight is a DTensor {w.placements} inside its call")
+            why = f"its {head.name} weight is a DTensor {w.placements} inside its call"
+            raise refuse(owner, why)
         if terms:
             w = torch.cat([w] + [B.weight for _, B, _, _ in terms], dim=1)
         out = _fused(inp, w, bias_of(m), target, smoothing, kwargs)
@@ -307,4 +362,13 @@ def head_loss(owner, name, head, hidden, ops, cap, target, smoothing, options: d
     return loss, box[0]
 
 
-__all__ = ["UnsupportedModelError", "active_module", "check_module", "global_rows", "head_loss"]
+__all__ = [
+    "Head",
+    "UnsupportedModelError",
+    "active_module",
+    "check_loss",
+    "check_module",
+    "head_loss",
+    "peft_base",
+    "resolve_head",
+]

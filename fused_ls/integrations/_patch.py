@@ -11,16 +11,15 @@ import types
 
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForCausalLMLoss
 
 import fused_ls
 from fused_ls._options import HEAD_KEYWORDS, keyword_values, takes_keywords
 
 from ._forward import ForwardSpec, read_forward
-from ._heads import _lora_terms, active_module, check_module, global_rows
+from ._heads import Head, check_loss, peft_base, resolve_head
 from ._heads import refuse as _refuse
 
-__all__ = ["FusedLSHead", "apply_fused_ls", "refresh_accepts_loss_kwargs", "revert_fused_ls"]
+__all__ = ["FusedLSHead", "apply_fused_ls", "patch_trainer_model", "revert_fused_ls"]
 
 # Keywords the integration sets itself (from transformers' semantics); the user may not pass them.
 _RESERVED = {
@@ -57,26 +56,16 @@ class FusedLSHead:
         return f"FusedLSHead(smoothing={self.smoothing!r}{opts})"
 
 
-def _peft_base(model: nn.Module) -> nn.Module:
-    """The model whose forward computes the logits: a PEFT ``PeftModel``'s base model (PEFT's
-    forward reaches it through ``base_model.model.forward``), else the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    if get_base is not None and type(model).__module__.startswith("peft."):
-        return get_base()
-    return model
-
-
 def _dispatch(self, *args, **kwargs):
     """The instance's forward: the fused forward when labels are given; TRL's ``fused_lm_head``
     protocol and calls without labels go to the forward the instance had before."""
     state: FusedLSHead = self.fused_ls
+    if not kwargs.get("fused_lm_head"):
+        labels = state._spec.signature.bind(self, *args, **kwargs).arguments.get("labels")
+        if labels is not None:
+            return state._spec.fused(self, *args, **kwargs)
     previous = state._previous or types.MethodType(type(self).forward, self)
-    if kwargs.get("fused_lm_head"):
-        return previous(*args, **kwargs)
-    labels = state._spec.signature.bind(self, *args, **kwargs).arguments.get("labels")
-    if labels is None:
-        return previous(*args, **kwargs)
-    return state._spec.fused(self, *args, **kwargs)
+    return previous(*args, **kwargs)
 
 
 def _simple_attribute(expr: str) -> bool:
@@ -87,22 +76,17 @@ def _simple_attribute(expr: str) -> bool:
     return isinstance(node, ast.Name) and node.id == "self"
 
 
-def _check_instance(model: nn.Module, spec: ForwardSpec) -> nn.Module:
+def _check_instance(model: nn.Module, spec: ForwardSpec) -> Head:
     """The per-instance conditions when patching (the call re-checks the head, which hooks,
     PEFT and sharding may change afterwards)."""
-    head = getattr(model, spec.head, None)
-    if not isinstance(head, nn.Module):
+    attr = getattr(model, spec.head, None)
+    if not isinstance(attr, nn.Module):
         raise _refuse(model, f"its forward calls self.{spec.head}, which is not a module")
-    module = active_module(model, head)
-    terms = _lora_terms(model, module)
-    check_module(model, module.base_layer if terms is not None else module, spec.head)
-    if model.loss_function is not ForCausalLMLoss:
-        raise _refuse(model, f"its loss_function is {model.loss_function!r}, not ForCausalLMLoss")
+    head = resolve_head(model, spec.head, attr)
+    vocab = ...  # not known before the call
     if spec.vocab is not None and _simple_attribute(spec.vocab):
         vocab = eval(spec.vocab, {}, {"self": model})  # an attribute chain of self only
-        rows = global_rows(model, head)
-        if rows != vocab:
-            raise _refuse(model, f"its lm_head has {rows} rows but {spec.vocab} is {vocab}")
+    check_loss(model, head, vocab, spec.vocab)
     return head
 
 
@@ -114,8 +98,9 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
 
     Args:
         model: a ``*ForCausalLM`` / ``*ForConditionalGeneration`` whose forward the module
-            docstring's rules accept, or a PEFT ``PeftModel`` of one (its base model is
-            patched); refused with ``UnsupportedModelError`` (nothing patched) otherwise.
+            docstring's rules accept, or a PEFT ``PeftModel`` or ``PeftMixedModel`` of one (its
+            base model is patched); refused with ``UnsupportedModelError`` (nothing patched)
+            otherwise.
         smoothing: ε (Trainer: ``args.label_smoothing_factor``); ``model.fused_ls.smoothing`` may
             be changed later.
         **options: keywords of ``fused_ls.linear_label_smoothing_cross_entropy`` (``weight``,
@@ -127,9 +112,9 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
     Returns:
         the model as given (patched in place). Applying again replaces ε and the options.
     """
-    target = _peft_base(model)
+    target = peft_base(model)
     patched = vars(target).get("fused_ls")
-    spec = patched._spec if isinstance(patched, FusedLSHead) else read_forward(type(target))
+    spec = read_forward(type(target))  # cached per class: the spec a first patch stored
     head = _check_instance(target, spec)
     clash = {k: why for k, why in _RESERVED.items() if k in options}
     if spec.caps and "softcap" in options:
@@ -142,8 +127,8 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
     keyword_values(apply_fused_ls, options)  # names it does not take: TypeError
     if "process_group" not in options:  # (a sharded call would be a collective)
         # ε and the options, validated by the fused function itself on one row of width 1
-        V = global_rows(target, head)
-        w = next(iter(head.parameters()), None)
+        V = head.rows
+        w = next(iter(head.attr.parameters()), None)
         dev = w.device if w is not None and w.device.type != "meta" else torch.device("cpu")
         with torch.no_grad():
             fused_ls.linear_label_smoothing_cross_entropy(
@@ -179,7 +164,7 @@ def apply_fused_ls(model: nn.Module, smoothing: float = 0.1, **options) -> nn.Mo
 def revert_fused_ls(model: nn.Module) -> nn.Module:
     """Undo ``apply_fused_ls``: the forward the instance had before serves again. A no-op on an
     unpatched model."""
-    target = _peft_base(model)
+    target = peft_base(model)
     state = vars(target).get("fused_ls")
     if not isinstance(state, FusedLSHead):
         return model
@@ -195,10 +180,18 @@ def revert_fused_ls(model: nn.Module) -> nn.Module:
     return model
 
 
-def refresh_accepts_loss_kwargs(trainer, model: nn.Module) -> None:
-    """Trainer's own rule (Trainer.__init__) on the patched model: its ``accepts_loss_kwargs``,
-    except under DeepSpeed sequence parallelism, which counts its tokens itself."""
-    accepts = _peft_base(model).accepts_loss_kwargs  # set by apply_fused_ls
+def patch_trainer_model(trainer, **options) -> nn.Module:
+    """What ``patch_trainer`` and ``patch_sft_trainer`` do to the trainer's model: patch the
+    unwrapped model with ``trainer.args.label_smoothing_factor`` and ``options``, switch off
+    Trainer's dense ``LabelSmoother`` (so the labels reach the patched forward), and recompute
+    ``trainer.model_accepts_loss_kwargs`` with Trainer's own rule (``Trainer.__init__``) on the
+    patched model: its ``accepts_loss_kwargs``, except under DeepSpeed sequence parallelism,
+    which counts its tokens itself. Returns the unwrapped model."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    apply_fused_ls(model, trainer.args.label_smoothing_factor, **options)
+    trainer.label_smoother = None
+    accepts = peft_base(model).accepts_loss_kwargs  # set by apply_fused_ls
     pc = getattr(trainer.accelerator, "parallelism_config", None)
     sp = pc is not None and pc.sp_backend == "deepspeed" and pc.sp_enabled
     trainer.model_accepts_loss_kwargs = bool(accepts) and not sp
+    return model

@@ -39,9 +39,9 @@ other than ``ForCausalLMLoss``, a head whose rows differ from the loss's ``vocab
 Sharded and wrapped heads (``fused_ls.integrations._heads``): the fused loss runs inside the head
 module's own call, so that FSDP2's, DeepSpeed ZeRO-3's and accelerate's hooks gather the weight
 (once per step) and re-gather it for backward; transformers' tensor-parallel colwise head goes
-through the vocabulary-parallel path on its local rows; PEFT: a ``PeftModel`` is accepted (its
-base model is patched), a LoRA on the head is exact (extra input columns), ``modules_to_save``
-uses the active copy.
+through the vocabulary-parallel path on its local rows; PEFT: a ``PeftModel`` or
+``PeftMixedModel`` is accepted (its base model is patched), a LoRA on the head is exact (extra
+input columns), ``modules_to_save`` uses the active copy.
 
 Trainer. ``label_smoothing_factor > 0`` makes Trainer pop the labels, let the model build the
 logits and run its dense ``LabelSmoother``. ``FusedLSTrainer`` / ``patch_trainer`` patch the
@@ -62,7 +62,7 @@ import importlib
 from transformers import Trainer
 
 from ._heads import UnsupportedModelError
-from ._patch import apply_fused_ls, refresh_accepts_loss_kwargs, revert_fused_ls
+from ._patch import apply_fused_ls, patch_trainer_model, revert_fused_ls
 
 __all__ = [
     "FusedLSTrainer",
@@ -101,10 +101,7 @@ def patch_trainer(trainer: Trainer, **options) -> Trainer:
         return importlib.import_module("fused_ls.integrations.trl").patch_sft_trainer(
             trainer, **options
         )
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    apply_fused_ls(model, trainer.args.label_smoothing_factor, **options)
-    trainer.label_smoother = None
-    refresh_accepts_loss_kwargs(trainer, model)
+    patch_trainer_model(trainer, **options)
     return trainer
 
 

@@ -20,7 +20,9 @@ metrics are logged with TRL's rules (sums over the counted tokens of every proce
 their number; the token count, ``num_tokens``; the MoE ``aux_loss``). The loss follows TRL's
 nll path otherwise: ``num_items_in_batch`` (gradient accumulation), the multiplication by the
 number of processes under ``average_tokens_across_devices``, and for MoE models
-``router_aux_loss_coef × aux_loss`` divided by the accumulation steps (TRL's own label-smoothing
+``router_aux_loss_coef × aux_loss`` divided by the accumulation steps, all three only when
+``trainer.model_accepts_loss_kwargs`` (Trainer's rule: else the loss is a per-micro-batch mean
+that ``training_step`` divides by the accumulation steps itself) (TRL's own label-smoothing
 path adds no router loss; its nll path does, and so does this one). ``evaluate()`` goes through
 the same function (TRL's ``prediction_step`` calls ``compute_loss``); ``return_outputs=True``
 (``compute_metrics``) recomputes the logits, as TRL does.
@@ -40,9 +42,12 @@ import warnings
 import torch
 from trl import SFTTrainer
 
-from ._patch import _peft_base, apply_fused_ls, refresh_accepts_loss_kwargs
+from ._heads import peft_base
+from ._patch import FusedLSHead, patch_trainer_model
 
 __all__ = ["patch_sft_trainer"]
+
+_NOT_REACHED = "fused_ls: the model's forward did not reach the fused loss"
 
 
 def patch_sft_trainer(trainer: SFTTrainer, **options) -> SFTTrainer:
@@ -60,11 +65,7 @@ def patch_sft_trainer(trainer: SFTTrainer, **options) -> SFTTrainer:
     pc = trainer.accelerator.parallelism_config
     if pc is not None and pc.sp_enabled:
         raise ValueError("fused_ls: SFTTrainer with sequence parallelism is not supported")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    apply_fused_ls(model, eps, **options)
-    trainer.label_smoother = None
-    refresh_accepts_loss_kwargs(trainer, model)
-    trainer._fused_ls_state = _peft_base(model).fused_ls
+    patch_trainer_model(trainer, **options)
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
 
@@ -75,9 +76,16 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     inputs["use_cache"] = False
     if self.aux_loss_enabled:
         inputs["output_router_logits"] = True
-    state = self._fused_ls_state
+    # the patch's state as the model holds it now (it may have been reverted and applied again)
+    state = vars(peft_base(self.accelerator.unwrap_model(model))).get("fused_ls")
+    if not isinstance(state, FusedLSHead):
+        raise RuntimeError(_NOT_REACHED)
+    # Trainer's rule (compute_loss, training_step): the loss is normalised by num_items_in_batch
+    # only when the model takes loss kwargs; otherwise it is a per-micro-batch mean, which
+    # training_step divides by the accumulation steps itself
+    scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
     call = dict(inputs)
-    if num_items_in_batch is not None:
+    if scaled:
         call["num_items_in_batch"] = num_items_in_batch
     state.capturing, state.captured = True, None
     try:
@@ -85,16 +93,16 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     finally:
         state.capturing = False
     if state.captured is None:
-        raise RuntimeError("fused_ls: the model's forward did not reach the fused loss")
+        raise RuntimeError(_NOT_REACHED)
     loss, stats, target, ignore_index = state.captured
     state.captured = None
 
     # TRL's nll path: scaled by the processes when tokens are averaged across them; the MoE
     # router loss, averaged over the accumulation steps
-    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+    if self.args.average_tokens_across_devices and scaled:
         loss = loss * (self.accelerator.num_processes // self.get_tp_size())
     if self.aux_loss_enabled:
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        steps = self.current_gradient_accumulation_steps if scaled else 1
         loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
 
     # the metrics from the row statistics of the same pass, over the counted tokens
