@@ -83,3 +83,37 @@ def test_plain_options_module_has_no_keywords():
 
     with pytest.raises(TypeError, match="takes_keywords"):
         Bare(smoothing=0.1)
+
+
+def test_parse_options_defaults_come_from_keywords():
+    from fused_ls import _options, reference
+    from fused_ls.linear import linear_label_smoothing_cross_entropy
+    from fused_ls.loss import label_smoothing_cross_entropy
+
+    entry_points = (
+        label_smoothing_cross_entropy,
+        linear_label_smoothing_cross_entropy,
+        reference.cross_entropy,
+        FusedLabelSmoothingCE.__init__,
+        FusedLinearLabelSmoothingCE.__init__,
+    )
+    want = _options.parse_options(label_smoothing_cross_entropy, {})
+    for fn in entry_points:
+        assert _options.parse_options(fn, {}) == want, fn.__qualname__
+    d = {n: k.default for n, k in _options.KEYWORDS.items()}
+    assert (want.smoothing, want.ignore_index, want.reduction) == (
+        d["smoothing"],
+        d["ignore_index"],
+        d["reduction"],
+    )
+    assert (want.similarity_mix, want.z_loss, want.confidence_penalty) == (
+        d["similarity_mix"],
+        d["z_loss"],
+        d["confidence_penalty"],
+    )
+    assert (want.backend, want.return_stats, want.inplace_backward, want.chunk_size) == (
+        d["backend"],
+        d["return_stats"],
+        d["inplace_backward"],
+        d["chunk_size"],
+    )
