@@ -170,12 +170,11 @@ class LossFunction(torch.autograd.Function):
     def forward(ctx, x, backend, inplace, *problem):
         p = Problem(*problem)
         ctx.set_materialize_grads(False)  # no zero gradient for the pack
-        ctx.scalars, ctx.backend, ctx.inplace = p.scalars(), backend, inplace
         ctx.grad = []  # the forward's gradient, until the first backward takes it
         ctx.one_pass = ctx.needs_input_grad[0] and backends.get(backend).grad_in_forward(x.device)
         if not ctx.one_pass:
             loss, pack = call("forward", backend, x, p)
-            ctx.save_for_backward(x, pack, *p.tensors())
+            save_two_pass(ctx, x, pack, p, backend, inplace)
         elif torch.compiler.is_compiling():
             g = torch.empty_like(x)  # (in place into a graph input would cost a copy-back)
             loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
@@ -188,26 +187,24 @@ class LossFunction(torch.autograd.Function):
                 bump_version(x)  # the logits now hold the gradient: saved copies elsewhere raise
             ctx.grad.append(g)
             # for a second backward (retain_graph): recompute from the logits, unless they are gone
-            ctx.save_for_backward(None if inplace else x, pack, *p.tensors())
+            save_two_pass(ctx, None if inplace else x, pack, p, backend, inplace)
         ctx.mark_non_differentiable(pack)
         return loss, pack
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pack):
-        none = (None,) * (2 + len(Problem._fields))
-        if not ctx.needs_input_grad[0] or grad_loss is None:
-            return (None, *none)
+        n_args = 2 + len(Problem._fields)
+        if not ctx.one_pass or grad_loss is None:  # (no gradient at all for grad_loss None)
+            return two_pass_backward(ctx, grad_loss, n_args)
+        none = (None,) * n_args
         if getattr(ctx, "compiled", False):
             g, pack = ctx.saved_tensors
             return (_scaled_out_of_place(g, grad_loss, pack), *none)
-        x, pack, *tensors = ctx.saved_tensors
-        p = Problem(*tensors, *ctx.scalars)
+        x, pack, p = _saved(ctx)
         if ctx.grad:  # the forward's gradient, for a unit upstream gradient: now ours alone
             g = ctx.grad.pop()
             call("rescale", ctx.backend, grad_loss, x if x is not None else g, g, pack, p)
             return (g, *none)
-        if not ctx.one_pass:
-            return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace), *none)
         if x is None:
             raise RuntimeError(
                 "fused_ls: a second backward through a loss computed with inplace_backward=True: "
@@ -238,19 +235,39 @@ def gradient(grad_loss, x, pack, p: Problem, backend: str, inplace: bool) -> Ten
     return out
 
 
+# ---- the two-pass autograd: LossFunction's, parallel.ShardedLossFunction's, the op's ----------
+def save_two_pass(ctx, x, pack, p: Problem, backend: str, inplace: bool) -> None:
+    """Save what ``two_pass_backward`` computes the gradient from: the logits (None when the
+    forward overwrote them), the pack and the problem, the backend and ``inplace``."""
+    ctx.save_for_backward(x, pack, *p.tensors())
+    ctx.scalars, ctx.backend, ctx.inplace = p.scalars(), backend, inplace
+
+
+def _saved(ctx) -> tuple:
+    """(x, pack, problem) of ``save_two_pass``."""
+    x, pack, *tensors = ctx.saved_tensors
+    return x, pack, Problem(*tensors, *ctx.scalars)
+
+
+def two_pass_backward(ctx, grad_loss, n_args: int) -> tuple:
+    """The backward of a forward that called ``save_two_pass`` with x's gradient first, then
+    ``n_args`` Nones: the backward op's d(grad_loss · loss)/dx (into x with ``inplace``), none
+    where x needs no gradient or no gradient reached the loss."""
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return (None,) * (1 + n_args)
+    x, pack, p = _saved(ctx)
+    return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace), *(None,) * n_args)
+
+
 # The registered autograd of fused_ls::forward (for direct calls of the op) is the same formula.
 def _setup_context(ctx, inputs, output):
     x, *rest = inputs
     p, backend = _problem(rest)
-    ctx.save_for_backward(x, output[1], *p.tensors())
-    ctx.scalars, ctx.backend = p.scalars(), backend
+    save_two_pass(ctx, x, output[1], p, backend, False)
 
 
 def _op_backward(ctx, grad_loss, _grad_pack):
-    x, pack, *tensors = ctx.saved_tensors
-    p = Problem(*tensors, *ctx.scalars)
-    g = gradient(grad_loss, x, pack, p, ctx.backend, False) if ctx.needs_input_grad[0] else None
-    return (g,) + (None,) * (len(Problem._fields) + 1)
+    return two_pass_backward(ctx, grad_loss, len(Problem._fields) + 1)
 
 
 torch.library.register_autograd(
