@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import backends
 from ._problem import PROBLEM_SCHEMA, R_NONE, Problem, acc_dtype, fake_loss_pack, fake_stats
+from .backends.registry import scaled
 
 _lib = torch.library.Library("fused_ls", "FRAGMENT")  # noqa: TOR901 - ops defined from schemas
 
@@ -199,7 +200,8 @@ class LossFunction(torch.autograd.Function):
         none = (None,) * n_args
         if getattr(ctx, "compiled", False):
             g, pack = ctx.saved_tensors
-            return (_scaled_out_of_place(g, grad_loss, pack), *none)
+            # grad_loss · g out of place, rounded once to g's dtype
+            return (scaled(g, grad_loss, pack.dtype).to(g.dtype), *none)
         x, pack, p = _saved(ctx)
         if ctx.grad:  # the forward's gradient, for a unit upstream gradient: now ours alone
             g = ctx.grad.pop()
@@ -216,14 +218,6 @@ class LossFunction(torch.autograd.Function):
         call("forward_backward", ctx.backend, x, g, unit_upstream(x, p), p)
         call("rescale", ctx.backend, grad_loss, x, g, pack, p)
         return (g, *none)
-
-
-def _scaled_out_of_place(g: Tensor, grad_loss: Tensor, pack: Tensor) -> Tensor:
-    """grad_loss · g in g's dtype, computed in the accumulation dtype and rounded once; zero
-    entries stay zero whatever the upstream (as the kernels' scaled coefficients)."""
-    go = grad_loss.to(pack.dtype)
-    go = go[:, None] if go.dim() == 1 else go
-    return torch.where(g == 0, 0, g.to(pack.dtype) * go).to(g.dtype)
 
 
 def gradient(grad_loss, x, pack, p: Problem, backend: str, inplace: bool) -> Tensor:
