@@ -162,6 +162,12 @@ def unit_upstream(x: Tensor, p: Problem) -> Tensor:
     return torch.ones(shape, dtype=acc_dtype(x.dtype), device=x.device)
 
 
+def _one_pass(x: Tensor, g: Tensor, p: Problem, backend: str):
+    """(loss, pack), and the gradient for a unit upstream gradient written into g: the forward's
+    one pass (forward_backward)."""
+    return call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+
+
 class LossFunction(torch.autograd.Function):
     """loss, pack = LossFunction.apply(x, backend, inplace_backward, *problem).
 
@@ -172,18 +178,19 @@ class LossFunction(torch.autograd.Function):
         p = Problem(*problem)
         ctx.set_materialize_grads(False)  # no zero gradient for the pack
         ctx.grad = []  # the forward's gradient, until the first backward takes it
+        ctx.compiled = False  # True: the gradient is a saved tensor (torch.compile)
         ctx.one_pass = ctx.needs_input_grad[0] and backends.get(backend).grad_in_forward(x.device)
         if not ctx.one_pass:
             loss, pack = call("forward", backend, x, p)
             save_two_pass(ctx, x, pack, p, backend, inplace)
         elif torch.compiler.is_compiling():
             g = torch.empty_like(x)  # (in place into a graph input would cost a copy-back)
-            loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+            loss, pack = _one_pass(x, g, p, backend)
             ctx.save_for_backward(g, pack)
             ctx.compiled = True
         else:
             g = x if inplace else backends.get(backend).new_gradient(x)
-            loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+            loss, pack = _one_pass(x, g, p, backend)
             if inplace:
                 bump_version(x)  # the logits now hold the gradient: saved copies elsewhere raise
             ctx.grad.append(g)
@@ -198,7 +205,7 @@ class LossFunction(torch.autograd.Function):
         if not ctx.one_pass or grad_loss is None:  # (no gradient at all for grad_loss None)
             return two_pass_backward(ctx, grad_loss, n_args)
         none = (None,) * n_args
-        if getattr(ctx, "compiled", False):
+        if ctx.compiled:
             g, pack = ctx.saved_tensors
             # grad_loss · g out of place, rounded once to g's dtype
             return (scaled(g, grad_loss, pack.dtype).to(g.dtype), *none)
@@ -215,7 +222,7 @@ class LossFunction(torch.autograd.Function):
             )
         # a later backward (retain_graph): the first one's computation again, bit for bit
         g = torch.empty_like(x)
-        call("forward_backward", ctx.backend, x, g, unit_upstream(x, p), p)
+        _one_pass(x, g, p, ctx.backend)
         call("rescale", ctx.backend, grad_loss, x, g, pack, p)
         return (g, *none)
 
