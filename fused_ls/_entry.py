@@ -16,15 +16,15 @@ from ._problem import P_ARG, P_CONF, P_LOGP, P_LSE, P_PZ, Problem, argmax_bits_d
 def make_problem(
     opts: LossOptions,
     target: Tensor,
-    target_shape,
     acc: torch.dtype,
     device_like: Tensor,
     num_classes: int,
     col_offset: int = 0,
 ) -> Problem:
-    """The ``Problem`` of these options for class-index targets (any shape, flattened here)."""
+    """The ``Problem`` of these options for class-index targets (any shape, flattened here) and
+    logits that hold the columns ``[col_offset, col_offset + C)`` of ``num_classes``."""
     dev = device_like.device
-    w, eps_rows, dense, sp_idx, sp_val, mix_y, mix_rows = opts.bind(num_classes, target_shape, dev)
+    w, eps_rows, dense, sp_idx, sp_val, mix_y, mix_rows = opts.bind(num_classes, target.shape, dev)
     sm = _smoothing.prepare_traceable(
         w, dense, sp_idx, sp_val, opts.similarity_mix, num_classes, acc, device_like
     )

@@ -549,7 +549,7 @@ def linear_loss_with_options(
     if opts.process_group is not None:
         shard = parallel.rank_slice(opts, V, N, acc_dtype(cd), dev)
     C, offset = (V, 0) if shard is None else (shard.num_classes, shard.start)
-    p = make_problem(opts, target, target.shape, acc_dtype(cd), x, C, offset)
+    p = make_problem(opts, target, acc_dtype(cd), x, C, offset)
     grad = torch.is_grad_enabled() and (
         input.requires_grad
         or linear_weight.requires_grad
