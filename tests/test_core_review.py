@@ -117,3 +117,12 @@ def test_parse_options_defaults_come_from_keywords():
         d["inplace_backward"],
         d["chunk_size"],
     )
+
+
+def test_import_does_not_load_the_build_module():
+    import subprocess
+    import sys
+
+    code = "import sys, fused_ls; print('fused_ls.build' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
