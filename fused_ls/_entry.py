@@ -16,15 +16,15 @@ from ._problem import P_ARG, P_CONF, P_LOGP, P_LSE, P_PZ, Problem, argmax_bits_d
 def make_problem(
     opts: LossOptions,
     target: Tensor,
-    target_shape,
     acc: torch.dtype,
     device_like: Tensor,
     num_classes: int,
     col_offset: int = 0,
 ) -> Problem:
-    """The ``Problem`` of these options for class-index targets (any shape, flattened here)."""
+    """The ``Problem`` of these options for class-index targets (any shape, flattened here) and
+    logits that hold the columns ``[col_offset, col_offset + C)`` of ``num_classes``."""
     dev = device_like.device
-    w, eps_rows, dense, sp_idx, sp_val, mix_y, mix_rows = opts.bind(num_classes, target_shape, dev)
+    w, eps_rows, dense, sp_idx, sp_val, mix_y, mix_rows = opts.bind(num_classes, target.shape, dev)
     sm = _smoothing.prepare_traceable(
         w, dense, sp_idx, sp_val, opts.similarity_mix, num_classes, acc, device_like
     )
@@ -71,9 +71,20 @@ def outputs(loss: Tensor, pack: Tensor, opts: LossOptions, shape):
     return loss, stats_from_pack(pack.detach(), shape)
 
 
+def _keyword_init(cls: type):
+    """The ``__init__`` that declares a module's keywords (``takes_keywords``): the first one in
+    the MRO that does, so that a subclass with its own ``__init__`` takes its base's keywords."""
+    for c in cls.__mro__:
+        init = vars(c).get("__init__")
+        if hasattr(init, "__fused_ls_keywords__"):
+            return init
+    raise TypeError(f"{cls.__qualname__}: no __init__ in its MRO declares takes_keywords")
+
+
 class OptionsModule(nn.Module):
     """The options of a loss module: parsed once at construction (the keywords its ``__init__``
-    takes, ``fused_ls._options.takes_keywords``), class weights and a dense similarity held as
+    takes, ``fused_ls._options.takes_keywords``; a subclass's own ``__init__`` takes those of the
+    first ``__init__`` in its MRO that declares them), class weights and a dense similarity held as
     buffers (so that ``.to(device)`` moves them), ``smoothing`` settable between steps
     (schedules) and validated when set."""
 
@@ -83,7 +94,7 @@ class OptionsModule(nn.Module):
             raise ValueError(
                 "smoothing must be a float in [0, 1]; pass a per-sample tensor to forward"
             )
-        opts = parse_options(type(self).__init__, options)
+        opts = parse_options(_keyword_init(type(self)), options)
         self.register_buffer("weight", opts.weight)
         self.register_buffer("similarity", opts.similarity)
         self._opts = opts

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import backends
 from ._problem import PROBLEM_SCHEMA, R_NONE, Problem, acc_dtype, fake_loss_pack, fake_stats
+from .backends.registry import scaled
 
 _lib = torch.library.Library("fused_ls", "FRAGMENT")  # noqa: TOR901 - ops defined from schemas
 
@@ -161,6 +162,12 @@ def unit_upstream(x: Tensor, p: Problem) -> Tensor:
     return torch.ones(shape, dtype=acc_dtype(x.dtype), device=x.device)
 
 
+def _one_pass(x: Tensor, g: Tensor, p: Problem, backend: str):
+    """(loss, pack), and the gradient for a unit upstream gradient written into g: the forward's
+    one pass (forward_backward)."""
+    return call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+
+
 class LossFunction(torch.autograd.Function):
     """loss, pack = LossFunction.apply(x, backend, inplace_backward, *problem).
 
@@ -170,44 +177,43 @@ class LossFunction(torch.autograd.Function):
     def forward(ctx, x, backend, inplace, *problem):
         p = Problem(*problem)
         ctx.set_materialize_grads(False)  # no zero gradient for the pack
-        ctx.scalars, ctx.backend, ctx.inplace = p.scalars(), backend, inplace
         ctx.grad = []  # the forward's gradient, until the first backward takes it
+        ctx.compiled = False  # True: the gradient is a saved tensor (torch.compile)
         ctx.one_pass = ctx.needs_input_grad[0] and backends.get(backend).grad_in_forward(x.device)
         if not ctx.one_pass:
             loss, pack = call("forward", backend, x, p)
-            ctx.save_for_backward(x, pack, *p.tensors())
+            save_two_pass(ctx, x, pack, p, backend, inplace)
         elif torch.compiler.is_compiling():
             g = torch.empty_like(x)  # (in place into a graph input would cost a copy-back)
-            loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+            loss, pack = _one_pass(x, g, p, backend)
             ctx.save_for_backward(g, pack)
             ctx.compiled = True
         else:
             g = x if inplace else backends.get(backend).new_gradient(x)
-            loss, pack = call("forward_backward", backend, x, g, unit_upstream(x, p), p)
+            loss, pack = _one_pass(x, g, p, backend)
             if inplace:
                 bump_version(x)  # the logits now hold the gradient: saved copies elsewhere raise
             ctx.grad.append(g)
             # for a second backward (retain_graph): recompute from the logits, unless they are gone
-            ctx.save_for_backward(None if inplace else x, pack, *p.tensors())
+            save_two_pass(ctx, None if inplace else x, pack, p, backend, inplace)
         ctx.mark_non_differentiable(pack)
         return loss, pack
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pack):
-        none = (None,) * (2 + len(Problem._fields))
-        if not ctx.needs_input_grad[0] or grad_loss is None:
-            return (None, *none)
-        if getattr(ctx, "compiled", False):
+        n_args = 2 + len(Problem._fields)
+        if not ctx.one_pass or grad_loss is None:  # (no gradient at all for grad_loss None)
+            return two_pass_backward(ctx, grad_loss, n_args)
+        none = (None,) * n_args
+        if ctx.compiled:
             g, pack = ctx.saved_tensors
-            return (_scaled_out_of_place(g, grad_loss, pack), *none)
-        x, pack, *tensors = ctx.saved_tensors
-        p = Problem(*tensors, *ctx.scalars)
+            # grad_loss · g out of place, rounded once to g's dtype
+            return (scaled(g, grad_loss, pack.dtype).to(g.dtype), *none)
+        x, pack, p = _saved(ctx)
         if ctx.grad:  # the forward's gradient, for a unit upstream gradient: now ours alone
             g = ctx.grad.pop()
             call("rescale", ctx.backend, grad_loss, x if x is not None else g, g, pack, p)
             return (g, *none)
-        if not ctx.one_pass:
-            return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace), *none)
         if x is None:
             raise RuntimeError(
                 "fused_ls: a second backward through a loss computed with inplace_backward=True: "
@@ -216,17 +222,9 @@ class LossFunction(torch.autograd.Function):
             )
         # a later backward (retain_graph): the first one's computation again, bit for bit
         g = torch.empty_like(x)
-        call("forward_backward", ctx.backend, x, g, unit_upstream(x, p), p)
+        _one_pass(x, g, p, ctx.backend)
         call("rescale", ctx.backend, grad_loss, x, g, pack, p)
         return (g, *none)
-
-
-def _scaled_out_of_place(g: Tensor, grad_loss: Tensor, pack: Tensor) -> Tensor:
-    """grad_loss · g in g's dtype, computed in the accumulation dtype and rounded once; zero
-    entries stay zero whatever the upstream (as the kernels' scaled coefficients)."""
-    go = grad_loss.to(pack.dtype)
-    go = go[:, None] if go.dim() == 1 else go
-    return torch.where(g == 0, 0, g.to(pack.dtype) * go).to(g.dtype)
 
 
 def gradient(grad_loss, x, pack, p: Problem, backend: str, inplace: bool) -> Tensor:
@@ -238,19 +236,39 @@ def gradient(grad_loss, x, pack, p: Problem, backend: str, inplace: bool) -> Ten
     return out
 
 
+# ---- the two-pass autograd: LossFunction's, parallel.ShardedLossFunction's, the op's ----------
+def save_two_pass(ctx, x, pack, p: Problem, backend: str, inplace: bool) -> None:
+    """Save what ``two_pass_backward`` computes the gradient from: the logits (None when the
+    forward overwrote them), the pack and the problem, the backend and ``inplace``."""
+    ctx.save_for_backward(x, pack, *p.tensors())
+    ctx.scalars, ctx.backend, ctx.inplace = p.scalars(), backend, inplace
+
+
+def _saved(ctx) -> tuple:
+    """(x, pack, problem) of ``save_two_pass``."""
+    x, pack, *tensors = ctx.saved_tensors
+    return x, pack, Problem(*tensors, *ctx.scalars)
+
+
+def two_pass_backward(ctx, grad_loss, n_args: int) -> tuple:
+    """The backward of a forward that called ``save_two_pass`` with x's gradient first, then
+    ``n_args`` Nones: the backward op's d(grad_loss · loss)/dx (into x with ``inplace``), none
+    where x needs no gradient or no gradient reached the loss."""
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return (None,) * (1 + n_args)
+    x, pack, p = _saved(ctx)
+    return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace), *(None,) * n_args)
+
+
 # The registered autograd of fused_ls::forward (for direct calls of the op) is the same formula.
 def _setup_context(ctx, inputs, output):
     x, *rest = inputs
     p, backend = _problem(rest)
-    ctx.save_for_backward(x, output[1], *p.tensors())
-    ctx.scalars, ctx.backend = p.scalars(), backend
+    save_two_pass(ctx, x, output[1], p, backend, False)
 
 
 def _op_backward(ctx, grad_loss, _grad_pack):
-    x, pack, *tensors = ctx.saved_tensors
-    p = Problem(*tensors, *ctx.scalars)
-    g = gradient(grad_loss, x, pack, p, ctx.backend, False) if ctx.needs_input_grad[0] else None
-    return (g,) + (None,) * (len(Problem._fields) + 1)
+    return two_pass_backward(ctx, grad_loss, len(Problem._fields) + 1)
 
 
 torch.library.register_autograd(

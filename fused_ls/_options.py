@@ -415,6 +415,8 @@ KEYWORDS: dict[str, Keyword] = {
     )
 }
 
+_DEFAULTS = {n: k.default for n, k in KEYWORDS.items()}
+
 # Which entry point takes which keywords (``takes_keywords``).
 _MATH = (
     "smoothing",
@@ -493,20 +495,20 @@ def keyword_values(fn, options: dict) -> dict:
 def parse_options(fn, options: dict) -> LossOptions:
     """Validate the keywords of one call of the entry point ``fn`` (everything that needs no
     logits) into ``LossOptions``."""
-    kw = keyword_values(fn, options)
-    get = kw.get
-    reduction = get("reduction", "mean")
+    # every keyword, the entry point's from the call or their defaults, the others their defaults
+    kw = {**_DEFAULTS, **keyword_values(fn, options)}
+    reduction = kw["reduction"]
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
-    smoothing, eps_rows = _parse_smoothing(get("smoothing", 0.1))
-    weight = get("weight")
+    smoothing, eps_rows = _parse_smoothing(kw["smoothing"])
+    weight = kw["weight"]
     if weight is not None:
         if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
             raise ValueError("weight must be a 1-D floating-point tensor of C class weights")
-    ignore_index = get("ignore_index", -100)
+    ignore_index = kw["ignore_index"]
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    similarity = get("similarity")
+    similarity = kw["similarity"]
     dense = sparse = None
     if isinstance(similarity, SparseSimilarity):
         sparse = similarity
@@ -522,25 +524,25 @@ def parse_options(fn, options: dict) -> LossOptions:
             "similarity must be None, a [C, C] tensor or SparseSimilarity, got "
             f"{type(similarity).__name__}"
         )
-    beta = _unit_interval("similarity_mix", get("similarity_mix", 1.0))
-    adaptive = get("adaptive")
+    beta = _unit_interval("similarity_mix", kw["similarity_mix"])
+    adaptive = kw["adaptive"]
     if adaptive is not None and not isinstance(adaptive, ConfidenceAdaptive):
         raise TypeError(
             f"adaptive must be None or ConfidenceAdaptive, got {type(adaptive).__name__}"
         )
     for name in ("z_loss", "confidence_penalty"):
-        v = get(name, 0.0)
+        v = kw[name]
         if not _is_real_scalar(v) or not _finite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
-    softcap = get("softcap")
+    softcap = kw["softcap"]
     if softcap is not None and not (_is_real_scalar(softcap) and _finite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
-    mix_target = get("mix_target")
-    lam, mix_rows = _parse_mix(mix_target, get("mix_lambda"))
-    backend = get("backend", "auto")
+    mix_target = kw["mix_target"]
+    lam, mix_rows = _parse_mix(mix_target, kw["mix_lambda"])
+    backend = kw["backend"]
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    chunk_size = get("chunk_size")
+    chunk_size = kw["chunk_size"]
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -555,15 +557,15 @@ def parse_options(fn, options: dict) -> LossOptions:
         sparse=sparse,
         similarity_mix=beta,
         adaptive=adaptive,
-        z_loss=float(get("z_loss", 0.0)),
+        z_loss=float(kw["z_loss"]),
         softcap=float(softcap or 0.0),
-        confidence_penalty=float(get("confidence_penalty", 0.0)),
+        confidence_penalty=float(kw["confidence_penalty"]),
         mix_target=mix_target,
         mix_lambda=lam,
         mix_rows=mix_rows,
-        return_stats=bool(get("return_stats", False)),
+        return_stats=bool(kw["return_stats"]),
         backend=backend,
-        inplace_backward=bool(get("inplace_backward", False)),
-        process_group=get("process_group"),
+        inplace_backward=bool(kw["inplace_backward"]),
+        process_group=kw["process_group"],
         chunk_size=chunk_size,
     )

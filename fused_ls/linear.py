@@ -135,16 +135,15 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor, tmp: Tensor | None, first: bo
 
 
 def _scaled(g: Tensor, scale: Tensor, dtype: torch.dtype, in_place: bool = True) -> Tensor:
-    """g · scale in ``dtype``: in place when g has it (and ``in_place``), else (g an fp32
-    accumulator, consumed) into a new tensor by cpp_backend.scaled_copy_. The 0-dim fp32 factor
-    is applied in fp32 and the product rounded once."""
+    """g · scale in ``dtype``: without ``in_place`` a new tensor; else in place when g has it,
+    or (g an fp32 accumulator, consumed) into a new tensor by cpp_backend.scaled_copy_. The 0-dim
+    fp32 factor is applied in fp32 and the product rounded once."""
+    if not in_place:
+        return (g * scale).to(dtype)
     if g.dtype == dtype:
-        return g.mul_(scale) if in_place else g * scale
+        return g.mul_(scale)
     out = torch.empty_like(g, dtype=dtype)
-    if in_place:
-        scaled_copy_(out, g, scale.to(torch.float32))
-    else:
-        out.copy_(g * scale.to(torch.float32))
+    scaled_copy_(out, g, scale.to(torch.float32))
     return out
 
 
@@ -550,7 +549,7 @@ def linear_loss_with_options(
     if opts.process_group is not None:
         shard = parallel.rank_slice(opts, V, N, acc_dtype(cd), dev)
     C, offset = (V, 0) if shard is None else (shard.num_classes, shard.start)
-    p = make_problem(opts, target, target.shape, acc_dtype(cd), x, C, offset)
+    p = make_problem(opts, target, acc_dtype(cd), x, C, offset)
     grad = torch.is_grad_enabled() and (
         input.requires_grad
         or linear_weight.requires_grad

@@ -134,14 +134,14 @@ def loss_with_options(logits: Tensor, target: Tensor, opts: LossOptions):
     shard = None
     if opts.process_group is not None:
         shard = parallel.rank_slice(opts, C, x.shape[0], acc, x.device)
+    num_classes, offset = (C, 0) if shard is None else (shard.num_classes, shard.start)
+    p = make_problem(opts, target, acc, x, num_classes, offset)
     if shard is None:
-        p = make_problem(opts, target, target.shape, acc, x, C)
         if torch.is_grad_enabled() and x.requires_grad:
             loss, pack = LossFunction.apply(x, chosen, opts.inplace_backward, *p)
         else:  # no autograd: one read of the logits, nothing N×C written
             loss, pack = call("forward", chosen, x, p)
     else:
-        p = make_problem(opts, target, target.shape, acc, x, shard.num_classes, shard.start)
         loss, pack = parallel.ShardedLossFunction.apply(x, chosen, opts.inplace_backward, shard, *p)
     return outputs(loss, pack, opts, target.shape)
 

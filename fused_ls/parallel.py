@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._ops import call, gradient
+from ._ops import call, save_two_pass, two_pass_backward
 from ._problem import (
     S_ARG,
     S_D,
@@ -260,18 +260,12 @@ class ShardedLossFunction(torch.autograd.Function):
         loss, pack = sharded_forward(x, p, backend, shard)
         ctx.mark_non_differentiable(pack)
         ctx.set_materialize_grads(False)  # no zero gradient for the pack
-        ctx.save_for_backward(x, pack, *p.tensors())
-        ctx.scalars, ctx.backend, ctx.inplace = p.scalars(), backend, inplace
+        save_two_pass(ctx, x, pack, p, backend, inplace)
         return loss, pack
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pack):
-        none = (None,) * (3 + len(Problem._fields))
-        if not ctx.needs_input_grad[0] or grad_loss is None:
-            return (None, *none)
-        x, pack, *tensors = ctx.saved_tensors
-        p = Problem(*tensors, *ctx.scalars)
-        return (gradient(grad_loss, x, pack, p, ctx.backend, ctx.inplace), *none)
+        return two_pass_backward(ctx, grad_loss, 3 + len(Problem._fields))
 
 
 # ---- the fused LM head over a sharded vocabulary (its chunk loops: fused_ls.linear) -------------

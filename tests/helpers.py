@@ -357,7 +357,7 @@ def problem(x: torch.Tensor, target: torch.Tensor, num_classes=None, col_offset=
     opts = parse_options(fused_ls.label_smoothing_cross_entropy, kw)
     C = num_classes if num_classes is not None else x.shape[1]
     acc = fused_ls.backends.acc_dtype(x.dtype)
-    return make_problem(opts, target, target.shape, acc, x, C, col_offset)
+    return make_problem(opts, target, acc, x, C, col_offset)
 
 
 def load_script(name: str):

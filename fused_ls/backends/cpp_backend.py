@@ -24,7 +24,6 @@ import warnings
 
 import torch
 
-from .. import build
 from .._problem import Problem, fake_loss_pack, fake_stats
 from .registry import Backend, Request, register
 
@@ -35,6 +34,11 @@ _state: dict[str, object] = {}
 def load_extension() -> str | None:
     """Load ``fused_ls._C`` once; None on success, else why it is not usable (warned once)."""
     if "error" not in _state:
+        # Imported here for start-up cost alone (fused_ls.build and what it imports cost ~7 ms
+        # of `import fused_ls`, needed only on first use); build imports nothing of fused_ls, so
+        # there is no import circle.
+        from .. import build
+
         try:
             build.load()  # the ahead-of-time or the cached first-use build (compiled if need be)
             _state["error"] = None

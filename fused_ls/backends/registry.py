@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .._problem import acc_dtype
 
@@ -111,9 +112,7 @@ class Backend:
         step = max(1, (1 << 20) // max(out.shape[1], 1))  # fp32 chunks of ~4 MiB
         for s in range(0, n, step):
             blk = out[s : s + step]
-            f = go[s : s + step, None] if go.numel() > 1 else go
-            v = blk.to(pack.dtype)
-            blk.copy_(torch.where(v == 0, 0, v * f))  # zero stays zero for any upstream
+            blk.copy_(scaled(blk, go[s : s + step] if go.numel() > 1 else go, pack.dtype))
 
     def new_gradient(self, x):
         """A buffer of the logits' shape and dtype for a gradient that will be written in full."""
@@ -130,6 +129,17 @@ class Backend:
 
     # measured on a GPU with the gradient in the forward (the defaults on CUDA follow)
     gpu_grad_in_forward = False
+
+
+def scaled(g: Tensor, grad_loss: Tensor, acc: torch.dtype) -> Tensor:
+    """grad_loss · g for a gradient g [n, C] and an upstream grad_loss (a scalar, or [n]: per
+    row), computed in the accumulation dtype ``acc`` and returned in it: the caller rounds it to
+    g's dtype once. Zero entries stay zero whatever the upstream (as the kernels' scaled
+    coefficients)."""
+    go = grad_loss.to(acc)
+    go = go[:, None] if go.dim() == 1 else go
+    v = g.to(acc)
+    return torch.where(v == 0, 0, v * go)
 
 
 _REGISTRY: dict[str, Backend] = {}
