@@ -1,4 +1,5 @@
-"""Regression tests for the core review: user subclasses of the loss modules, ..."""
+"""The modules and entry points as users hold them: subclasses of the loss modules with their own
+__init__, the keyword defaults of every entry point, and what `import fused_ls` loads."""
 
 import pytest
 import torch
